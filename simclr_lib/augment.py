@@ -1,0 +1,409 @@
+"""SimCLR data augmentation (Chen et al. 2020, Appendix A), drawn per image on a whole batch tensor.
+
+Two paths produce the same views:
+
+* `SimCLRAugment` - the fast path. It samples every random parameter per image as tensors on the
+  images' device (`sample_params`) and applies them to the whole batch at once (`apply`) with no
+  Python loop over images and no host-device synchronisation.
+* `reference_view` - the readable path: one image at a time with `torchvision.transforms.functional`,
+  using the same parameters. The tests check that both paths agree.
+
+`pil_pipeline` builds the classic per-image PIL pipeline of the popular SimCLR repositories, used for
+statistics tests and speed comparisons.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+from torch import Tensor
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+# Luma weights of torchvision's rgb_to_grayscale (ITU-R 601-2).
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+CROP_ATTEMPTS = 10  # as in torchvision's RandomResizedCrop
+
+BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
+
+
+def to_unit_float(images: Tensor) -> Tensor:
+    """Convert uint8 images in [0, 255] to float32 in [0, 1]; float images are only cast to float32."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255.0)
+    if not images.is_floating_point():
+        raise TypeError(f"expected uint8 or floating-point images, got {images.dtype}")
+    return images.float()
+
+
+@dataclass(eq=False)  # tensors have no single truth value, so no generated __eq__
+class ViewParams:
+    """Random parameters of one view per image; every field has leading dim B and lives on one device."""
+
+    crop: Tensor  # (B, 4) float32: top, left, height, width in input pixels (integer-valued)
+    flip: Tensor  # (B,) bool: horizontal flip
+    jitter: Tensor  # (B,) bool: colour jitter applied to this image
+    brightness: Tensor  # (B,) float32 factor
+    contrast: Tensor  # (B,) float32 factor
+    saturation: Tensor  # (B,) float32 factor
+    hue: Tensor  # (B,) float32 shift in [-0.5, 0.5]
+    order: Tensor  # (B, 4) int64 permutation of the ops 0 brightness, 1 contrast, 2 saturation, 3 hue
+    gray: Tensor  # (B,) bool: convert to grayscale
+    blur: Tensor  # (B,) bool: Gaussian blur
+    sigma: Tensor  # (B,) float32 blur standard deviation in output pixels
+
+    def to(self, device: torch.device | str) -> ViewParams:
+        """Return a copy with every field moved to `device`."""
+        return ViewParams(**{name: value.to(device) for name, value in vars(self).items()})
+
+
+def _gray(images: Tensor) -> Tensor:
+    """Luma of (B, 3, H, W) images as (B, 1, H, W), with torchvision's weights and operation order."""
+    r, g, b = images.unbind(dim=1)
+    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
+
+
+def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
+    """Rotate the HSV hue of (B, 3, H, W) images in [0, 1] by a per-image `shift` (B,), as torchvision does.
+
+    A hue rotation keeps V = max(r, g, b) and the chroma max - min, so the result is written directly
+    with the standard closed form of HSV -> RGB instead of building the full H, S, V stack.
+    """
+    r, g, b = images.unbind(dim=1)
+    maxc = images.amax(dim=1)
+    minc = images.amin(dim=1)
+    chroma = maxc - minc
+    # Grey pixels (chroma 0) have hue 0 by convention; a divisor of 1 keeps them finite.
+    divisor = chroma.masked_fill(chroma == 0, 1.0)
+    # Hue in sixths of a turn, in (-1, 5]; which channel is largest picks the sector (ties: r, then g).
+    # (In-place ops on fresh temporaries save allocations, which dominate on CPU at this size.)
+    hue6 = torch.where(
+        maxc == r,
+        (g - b).div_(divisor),
+        torch.where(maxc == g, (b - r).div_(divisor).add_(2.0), (r - g).div_(divisor).add_(4.0)),
+    )
+    # Shifting by `shift` turns adds 6 * shift sixths; the mod 6 below does the wrap-around.
+    hue6 = hue6.add_(6.0 * shift.view(-1, 1, 1)).unsqueeze(1)
+    # Channel n of HSV -> RGB: V - C * clamp(min(k, 4 - k), 0, 1) with k = (n + 6 H) mod 6, n = 5, 3, 1.
+    n = torch.arange(5, 0, -2, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    k = (hue6 + n).remainder_(6.0)
+    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
+    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1.0)
+
+
+def _blend_stage(images: Tensor, op: Tensor, params: ViewParams) -> Tensor:
+    """Apply brightness, contrast or saturation per image as chosen by `op` (B,); any other value is a no-op.
+
+    All three are torchvision's blend `clamp(f * x + (1 - f) * ref)` with ref = 0, the mean grey level
+    or the grey image, so one blend serves every image. A factor of 1 leaves the image exactly unchanged.
+    """
+    op = op.view(-1, 1, 1, 1)
+    factor = torch.where(
+        op == BRIGHTNESS,
+        params.brightness.view(-1, 1, 1, 1),
+        torch.where(
+            op == CONTRAST,
+            params.contrast.view(-1, 1, 1, 1),
+            torch.where(op == SATURATION, params.saturation.view(-1, 1, 1, 1), 1.0),
+        ),
+    )
+    gray = _gray(images)
+    mean_gray = gray.mean(dim=(1, 2, 3), keepdim=True)
+    ref = torch.where(op == SATURATION, gray, torch.where(op == CONTRAST, mean_gray, 0.0))
+    # (1 - f) * ref + f * x in one pass over the full-size tensor; f = 1 gives exactly x.
+    return torch.addcmul((1.0 - factor) * ref, factor, images).clamp_(0.0, 1.0)
+
+
+def _color_jitter(images: Tensor, params: ViewParams, with_hue: bool) -> Tensor:
+    """Colour jitter with a per-image random order of the four ops, for the images where `params.jitter`.
+
+    Hue is the costly op, so it runs once for the whole batch rather than once per stage: the three
+    cheap ops that come before hue in an image's order run in three "pre" stages, then hue, then the
+    remaining cheap ops in three "post" stages. Each image sees its ops in exactly its own order.
+    """
+    order = params.order
+    # Position of hue in each image's order (0..3); the cheap ops in order are the others (B, 3).
+    hue_rank = (order == HUE).long().argmax(dim=1, keepdim=True)
+    rank = torch.arange(3, device=order.device).view(1, 3)
+    cheap_ops = torch.where(rank < hue_rank, order[:, :3], order[:, 1:])
+    no_op = torch.full_like(cheap_ops, -1)
+    jitter = params.jitter.view(-1, 1)
+    before_hue = torch.where(jitter & (rank < hue_rank), cheap_ops, no_op)
+    after_hue = torch.where(jitter & (rank >= hue_rank), cheap_ops, no_op)
+
+    out = images
+    for stage in range(3):
+        out = _blend_stage(out, before_hue[:, stage], params)
+    if with_hue:
+        out = torch.where(params.jitter.view(-1, 1, 1, 1), _shift_hue(out, params.hue), out)
+    for stage in range(3):
+        out = _blend_stage(out, after_hue[:, stage], params)
+    return out
+
+
+def _gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
+    """Normalised 1-D Gaussian kernels (B, kernel_size), one per sigma, as torchvision builds them."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, steps=kernel_size, device=sigma.device, dtype=sigma.dtype)
+    pdf = torch.exp(-0.5 * (x.view(1, -1) / sigma.view(-1, 1)).pow(2))
+    return pdf / pdf.sum(dim=1, keepdim=True)
+
+
+def _gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Blur every image with its own sigma: reflect padding, then a separable grouped convolution."""
+    batch, channels, height, width = images.shape
+    pad = kernel_size // 2
+    kernels = _gaussian_kernels(sigma, kernel_size).repeat_interleave(channels, dim=0)  # (B*C, k)
+    # Fold the batch into the channels so a single grouped conv gives each image its own kernel.
+    x = F.pad(images.reshape(1, batch * channels, height, width), (pad, pad, pad, pad), mode="reflect")
+    x = F.conv2d(x, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
+    x = F.conv2d(x, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels)
+    return x.view(batch, channels, height, width)
+
+
+def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
+             device: torch.device) -> Tensor:
+    """Float32 samples from U(low, high) computed as torchvision's `uniform_` does: low + (high - low) * u."""
+    return low + (high - low) * torch.rand(shape, generator=generator, device=device)
+
+
+class SimCLRAugment(torch.nn.Module):
+    """SimCLR's random view of each image of a batch (B, 3, H, W), every parameter drawn per image.
+
+    Pipeline (paper, Appendix A): random resized crop + horizontal flip, colour jitter of strength s in a
+    random order with probability `color_prob`, random grayscale, optional Gaussian blur, normalisation.
+    The crop is resampled with bilinear interpolation; it matches torchvision's `resized_crop` (with
+    antialias) whenever the crop is not larger than the output, but downscaling is not antialiased.
+    """
+
+    def __init__(
+        self,
+        image_size: int = 32,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        flip_prob: float = 0.5,
+        color_strength: float = 0.5,
+        color_prob: float = 0.8,
+        gray_prob: float = 0.2,
+        blur_prob: float = 0.0,
+        blur_sigma: tuple[float, float] = (0.1, 2.0),
+        mean: Sequence[float] = CIFAR10_MEAN,
+        std: Sequence[float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__()
+        self.image_size = int(image_size)
+        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
+        self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
+        self.flip_prob = float(flip_prob)
+        self.color_strength = float(color_strength)
+        self.color_prob = float(color_prob)
+        self.gray_prob = float(gray_prob)
+        self.blur_prob = float(blur_prob)
+        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        # Buffers follow `.to(device)`, so normalising never copies host memory to the device.
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
+                             persistent=False)
+
+    @property
+    def blur_kernel_size(self) -> int:
+        """Blur kernel size: 10 % of the output size rounded to the nearest odd number, at least 3."""
+        return max(3, 2 * math.floor(0.05 * self.image_size) + 1)
+
+    def factor_ranges(self) -> dict[str, tuple[float, float]]:
+        """The jitter ranges of strength s: factors in [max(0, 1 - 0.8 s), 1 + 0.8 s], hue in +-0.2 s."""
+        x = 0.8 * self.color_strength
+        h = 0.2 * self.color_strength
+        return {"brightness": (max(0.0, 1.0 - x), 1.0 + x), "contrast": (max(0.0, 1.0 - x), 1.0 + x),
+                "saturation": (max(0.0, 1.0 - x), 1.0 + x), "hue": (-h, h)}
+
+    def sample_params(
+        self,
+        batch_size: int,
+        height: int,
+        width: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str | None = None,
+    ) -> ViewParams:
+        """Draw one view's parameters per image for a batch of `height` x `width` inputs, as tensors.
+
+        Parameters are drawn on the generator's device (or `device` with the default generator) and
+        returned on `device` if given; use a generator on the images' device to avoid any copy.
+        """
+        draw_device = generator.device if generator is not None else torch.device(device or "cpu")
+        target = torch.device(device) if device is not None else draw_device
+        B = batch_size
+
+        def uniform(shape: tuple[int, ...], low: float, high: float) -> Tensor:
+            return _uniform(shape, low, high, generator, draw_device)
+
+        def bernoulli(p: float) -> Tensor:
+            return torch.rand(B, generator=generator, device=draw_device) < p
+
+        crop = self._sample_crops(B, height, width, uniform)
+        flip = bernoulli(self.flip_prob)
+        jitter = bernoulli(self.color_prob)
+        ranges = self.factor_ranges()
+        brightness = uniform((B,), *ranges["brightness"])
+        contrast = uniform((B,), *ranges["contrast"])
+        saturation = uniform((B,), *ranges["saturation"])
+        hue = uniform((B,), *ranges["hue"])
+        # argsort of i.i.d. uniforms is a uniformly random permutation per row.
+        order = torch.rand((B, 4), generator=generator, device=draw_device).argsort(dim=1)
+        gray = bernoulli(self.gray_prob)
+        blur = bernoulli(self.blur_prob)
+        sigma = uniform((B,), *self.blur_sigma)
+        params = ViewParams(crop=crop, flip=flip, jitter=jitter, brightness=brightness, contrast=contrast,
+                            saturation=saturation, hue=hue, order=order, gray=gray, blur=blur, sigma=sigma)
+        return params if target == draw_device else params.to(target)
+
+    def _sample_crops(self, B: int, height: int, width: int, uniform: Callable[..., Tensor]) -> Tensor:
+        """RandomResizedCrop's (top, left, height, width) per image: first valid attempt, else centre."""
+        area = height * width
+        log_r0, log_r1 = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
+        target_area = area * uniform((B, CROP_ATTEMPTS), *self.crop_scale)
+        aspect = torch.exp(uniform((B, CROP_ATTEMPTS), log_r0, log_r1))
+        w = torch.round(torch.sqrt(target_area * aspect))
+        h = torch.round(torch.sqrt(target_area / aspect))
+        valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        # argmax returns the first maximum, i.e. the first valid attempt.
+        first = valid.int().argmax(dim=1, keepdim=True)
+        found = valid.any(dim=1)
+        fb_top, fb_left, fb_h, fb_w = self._fallback_crop(height, width)
+        h = torch.where(found, h.gather(1, first).squeeze(1), float(fb_h))
+        w = torch.where(found, w.gather(1, first).squeeze(1), float(fb_w))
+        # Uniform integer in [0, H - h]; the clamp guards against u * n rounding up to n in float32.
+        top = torch.minimum(torch.floor(uniform((B,), 0.0, 1.0) * (height - h + 1)), height - h)
+        left = torch.minimum(torch.floor(uniform((B,), 0.0, 1.0) * (width - w + 1)), width - w)
+        top = torch.where(found, top, float(fb_top))
+        left = torch.where(found, left, float(fb_left))
+        return torch.stack([top, left, h, w], dim=1)
+
+    def _fallback_crop(self, height: int, width: int) -> tuple[int, int, int, int]:
+        """torchvision's centre crop when no attempt fits: the largest crop with an allowed aspect ratio."""
+        in_ratio = width / height
+        if in_ratio < min(self.crop_ratio):
+            w = width
+            h = int(round(w / min(self.crop_ratio)))
+        elif in_ratio > max(self.crop_ratio):
+            h = height
+            w = int(round(h * max(self.crop_ratio)))
+        else:
+            w, h = width, height
+        return (height - h) // 2, (width - w) // 2, h, w
+
+    def crop_flip_resize(self, images: Tensor, params: ViewParams) -> Tensor:
+        """Crop, flip and resize every float image to image_size x image_size with one `grid_sample`.
+
+        With align_corners=False an output normalised coordinate u in (-1, 1) is the pixel centre
+        x_out + 0.5 = (u + 1) S / 2, and the source pixel centre is x_src + 0.5 = left + (x_out + 0.5) w / S.
+        In the input's normalised coordinates g = 2 (x_src + 0.5) / W - 1 that is the affine map
+        g = u w / W + (2 left + w) / W - 1; a flip is u -> -u. Sampling points are clamped to the centres
+        of the crop's border pixels so that, like resizing the cropped image, nothing outside the crop
+        leaks in. No antialiasing: crops larger than the output are downscaled with plain bilinear.
+        """
+        batch, _, height, width = images.shape
+        top, left, h, w = params.crop.to(images.dtype).unbind(dim=1)
+        sign = 1.0 - 2.0 * params.flip.to(images.dtype)
+        theta = torch.zeros(batch, 2, 3, device=images.device, dtype=images.dtype)
+        theta[:, 0, 0] = sign * w / width
+        theta[:, 0, 2] = (2 * left + w) / width - 1
+        theta[:, 1, 1] = h / height
+        theta[:, 1, 2] = (2 * top + h) / height - 1
+        size = (batch, images.shape[1], self.image_size, self.image_size)
+        grid = F.affine_grid(theta, list(size), align_corners=False)
+        low = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], dim=1)
+        high = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], dim=1)
+        grid = torch.minimum(torch.maximum(grid, low.view(-1, 1, 1, 2)), high.view(-1, 1, 1, 2))
+        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+    def apply(self, images: Tensor, params: ViewParams) -> Tensor:
+        """Apply `params` to uint8 or [0, 1] float images (B, 3, H, W); returns normalised float32 views."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+        x = self.crop_flip_resize(to_unit_float(images), params)
+        ranges = self.factor_ranges()
+        if self.color_prob > 0 and self.color_strength > 0:
+            x = _color_jitter(x, params, with_hue=ranges["hue"][1] > 0)
+        if self.gray_prob > 0:
+            x = torch.where(params.gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        if self.blur_prob > 0:
+            blurred = _gaussian_blur(x, params.sigma.to(x.dtype), self.blur_kernel_size)
+            x = torch.where(params.blur.view(-1, 1, 1, 1), blurred, x)
+        mean = self.mean.to(device=x.device)
+        std = self.std.to(device=x.device)
+        return ((x - mean) / std).contiguous()
+
+    def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """One random view per image of a batch (B, 3, H, W): `sample_params` then `apply`."""
+        batch, _, height, width = images.shape
+        params = self.sample_params(batch, height, width, generator=generator, device=images.device)
+        return self.apply(images, params)
+
+    def extra_repr(self) -> str:
+        """Settings shown by print(module)."""
+        return (f"image_size={self.image_size}, crop_scale={self.crop_scale}, "
+                f"color_strength={self.color_strength}, color_prob={self.color_prob}, "
+                f"gray_prob={self.gray_prob}, blur_prob={self.blur_prob}")
+
+
+def reference_view(image: Tensor, params: ViewParams, index: int, augment: SimCLRAugment) -> Tensor:
+    """The readable per-image path with torchvision.transforms.functional for image `index`'s parameters.
+
+    `image` is one (3, H, W) image, uint8 or float in [0, 1]; returns the normalised (3, S, S) view.
+    The batched path (`SimCLRAugment.apply`) is tested against this function.
+    """
+    x = to_unit_float(image)
+    top, left, h, w = (int(v) for v in params.crop[index].tolist())
+    size = augment.image_size
+    x = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+    if params.flip[index]:
+        x = TF.hflip(x)
+    if params.jitter[index]:
+        for op in params.order[index].tolist():
+            if op == BRIGHTNESS:
+                x = TF.adjust_brightness(x, float(params.brightness[index]))
+            elif op == CONTRAST:
+                x = TF.adjust_contrast(x, float(params.contrast[index]))
+            elif op == SATURATION:
+                x = TF.adjust_saturation(x, float(params.saturation[index]))
+            else:
+                x = TF.adjust_hue(x, float(params.hue[index]))
+    if params.gray[index]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if params.blur[index]:
+        k = augment.blur_kernel_size
+        sigma = float(params.sigma[index])
+        x = TF.gaussian_blur(x, [k, k], [sigma, sigma])
+    return TF.normalize(x, list(augment.mean.flatten().tolist()), list(augment.std.flatten().tolist()))
+
+
+def pil_pipeline(
+    image_size: int = 32,
+    color_strength: float = 0.5,
+    blur_prob: float = 0.0,
+    mean: Sequence[float] = CIFAR10_MEAN,
+    std: Sequence[float] = CIFAR10_STD,
+    crop_scale: tuple[float, float] = (0.08, 1.0),
+) -> T.Compose:
+    """The classic per-image PIL pipeline of the popular SimCLR repos; torchvision draws its parameters."""
+    s = color_strength
+    steps: list = [
+        T.RandomResizedCrop(image_size, scale=crop_scale),
+        T.RandomHorizontalFlip(),
+        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+    ]
+    if blur_prob > 0:
+        kernel_size = SimCLRAugment(image_size=image_size).blur_kernel_size
+        steps.append(T.RandomApply([T.GaussianBlur(kernel_size, sigma=(0.1, 2.0))], p=blur_prob))
+    steps += [T.ToTensor(), T.Normalize(mean, std)]
+    return T.Compose(steps)

@@ -1,0 +1,52 @@
+"""NT-Xent (normalised temperature-scaled cross-entropy), the SimCLR loss, also known as InfoNCE."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """Mean NT-Xent loss over all 2N anchors of two views; z1[i] and z2[i] are a positive pair.
+
+    Inputs are raw projections (N, D); they are L2-normalised here. Each anchor's candidates are the
+    other 2N - 1 embeddings (its positive included, itself excluded), so the loss is a (2N-1)-way
+    cross-entropy. The similarity logits are computed in fp32 whatever the autocast dtype, because
+    exp(s / T) overflows fp16 for small T; cross_entropy uses log-sum-exp so nothing overflows.
+    """
+    if z1.shape != z2.shape or z1.dim() != 2:
+        raise ValueError(f"z1 and z2 must both be (N, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
+    n = z1.shape[0]
+    if n < 2:
+        raise ValueError("NT-Xent needs at least 2 pairs: with N = 1 there is no negative")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
+    logits = z @ z.T / temperature
+    # An anchor is not its own candidate: -inf on the diagonal drops it from the softmax.
+    logits = logits.fill_diagonal_(float("-inf"))
+    # Row i's positive sits N places away: i -> i + N for the first view, i + N -> i for the second.
+    # Built from the actual N, never from a configured batch size, so a short last batch works.
+    targets = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n)
+    return F.cross_entropy(logits, targets)
+
+
+def nt_xent_loss_naive(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """The paper's formula written as a plain loop over anchors: slow, obviously correct, for tests and teaching.
+
+    l(i, j) = -log( exp(sim(z_i, z_j) / T) / sum_{k != i} exp(sim(z_i, z_k) / T) ),
+    L = 1 / 2N * sum_k [ l(2k-1, 2k) + l(2k, 2k-1) ]   (paper, Algorithm 1)
+    """
+    z = torch.cat([z1, z2]).double()
+    n2 = z.shape[0]
+    n = n2 // 2
+
+    def sim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a @ b) / (a.norm() * b.norm())
+
+    total = z.new_zeros(())
+    for i in range(n2):
+        j = (i + n) % n2  # the other view of the same image
+        denominator = sum(torch.exp(sim(z[i], z[k]) / temperature) for k in range(n2) if k != i)
+        total = total - torch.log(torch.exp(sim(z[i], z[j]) / temperature) / denominator)
+    return total / n2

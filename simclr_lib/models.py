@@ -1,0 +1,160 @@
+"""Encoders (ResNet-18/50 with the CIFAR stem), the projection head and the SimCLR model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+from .augment import CIFAR10_MEAN, CIFAR10_STD, to_unit_float
+from .errors import UserError
+
+BACKBONES = ("resnet18", "resnet50")
+
+
+class _NarrowResNet(ResNet):
+    """torchvision's ResNet with every stage's width scaled, for quick CPU runs (width=64 is the standard net)."""
+
+    def __init__(self, block: type[nn.Module], layers: list[int], width: int) -> None:
+        super().__init__(block, layers)
+        # Rebuild the stages with scaled widths using torchvision's own block and layer code.
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        self.fc = nn.Linear(width * 8 * block.expansion, 1000)
+        for m in self.modules():  # the same initialisation torchvision applies
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+
+def resnet_encoder(backbone: str = "resnet18", cifar_stem: bool = True, width: int = 64) -> nn.Module:
+    """A torchvision ResNet-18/50 without its fc layer, optionally with the CIFAR stem.
+
+    The CIFAR stem (paper, Appendix B.9) replaces the 7x7 stride-2 conv1 with a 3x3 stride-1 conv and drops
+    the max-pool, so a 32x32 image is not shrunk to 8x8 before the first residual stage. Turn it off for
+    large images (STL-10 at 96 px still benefits from it; ImageNet-size images do not).
+    The output is the representation h: (B, 512) for ResNet-18 and (B, 2048) for ResNet-50 at width 64.
+    """
+    if backbone not in BACKBONES:
+        raise UserError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
+    if width < 1:
+        raise UserError(f"width must be a positive integer, got {width}")
+    if width == 64:
+        net = getattr(torchvision.models, backbone)(weights=None)
+    else:
+        block, layers = (BasicBlock, [2, 2, 2, 2]) if backbone == "resnet18" else (Bottleneck, [3, 4, 6, 3])
+        net = _NarrowResNet(block, layers, width)
+    if cifar_stem:
+        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+        net.maxpool = nn.Identity()
+    net.feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+class ProjectionHead(nn.Module):
+    """The MLP g(.) that maps the representation h to the space z where the contrastive loss is applied."""
+
+    def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int = 128, batch_norm: bool = False):
+        super().__init__()
+        hidden_dim = hidden_dim or in_dim
+        layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=not batch_norm)]
+        if batch_norm:
+            layers.append(nn.BatchNorm1d(hidden_dim))
+        layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Project representations (B, in_dim) to (B, out_dim)."""
+        return self.net(h)
+
+
+class SimCLR(nn.Module):
+    """Encoder f(.) + projection head g(.); `forward` gives z for the loss, `encode` gives h for evaluation."""
+
+    def __init__(
+        self,
+        backbone: str = "resnet18",
+        cifar_stem: bool = True,
+        width: int = 64,
+        proj_hidden_dim: int | None = None,
+        proj_dim: int = 128,
+        proj_batch_norm: bool = False,
+        mean: tuple[float, float, float] = CIFAR10_MEAN,
+        std: tuple[float, float, float] = CIFAR10_STD,
+    ) -> None:
+        super().__init__()
+        self.arch = dict(backbone=backbone, cifar_stem=cifar_stem, width=width, proj_hidden_dim=proj_hidden_dim,
+                         proj_dim=proj_dim, proj_batch_norm=proj_batch_norm, mean=tuple(mean), std=tuple(std))
+        self.encoder = resnet_encoder(backbone, cifar_stem, width)
+        self.feature_dim: int = self.encoder.feature_dim
+        self.projector = ProjectionHead(self.feature_dim, proj_hidden_dim, proj_dim, proj_batch_norm)
+        # Buffers so the normalisation travels with the weights (state_dict, .to(device)).
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, views: torch.Tensor) -> torch.Tensor:
+        """Projections z (B, proj_dim) of already augmented and normalised views."""
+        return self.projector(self.encoder(views))
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 or [0, 1] float images -> the normalised float input the encoder expects."""
+        return (to_unit_float(images) - self.mean) / self.std
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Representations h (B, feature_dim) of raw uint8 or [0, 1] float images (normalised here)."""
+        return self.encoder(self.normalize(images))
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> SimCLR:
+        """Rebuild a model from a checkpoint written by `simclr_lib.train` (a run folder or a .pt file)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "checkpoint.pt"
+        if not path.is_file():
+            raise UserError(f"no checkpoint at {path}: pass a run folder that holds checkpoint.pt, or a .pt file")
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except Exception as exc:  # a truncated or foreign file: say so in one line
+            raise UserError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from None
+        if not isinstance(state, dict) or "arch" not in state or "model" not in state:
+            raise UserError(f"{path} is not a SimCLR checkpoint of this project (no 'arch'/'model' entries)")
+        model = cls(**state["arch"])
+        load_model_state(model, state["model"], source=str(path))
+        return model
+
+
+def load_model_state(model: nn.Module, state: dict, source: str) -> None:
+    """Load weights, turning a shape mismatch (other backbone, width or head) into one clear error."""
+    own = model.state_dict()
+    bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    missing = sorted(set(own) - set(state))
+    if bad or missing:
+        what = f"shape mismatch at {bad[0]}" if bad else f"missing {missing[0]}"
+        raise UserError(f"{source} does not fit this model ({what}): it was trained with another backbone, "
+                        "width or head")
+    model.load_state_dict(state)
+
+
+def build_model(config: dict, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> SimCLR:
+    """The SimCLR model a config describes; seeded by config['seed'] so the random init is reproducible."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config["seed"])
+        return SimCLR(
+            backbone=config["backbone"],
+            cifar_stem=config["cifar_stem"],
+            width=config["width"],
+            proj_hidden_dim=config["proj_hidden_dim"],
+            proj_dim=config["proj_dim"],
+            proj_batch_norm=config["proj_batch_norm"],
+            mean=mean,
+            std=std,
+        )

@@ -1,0 +1,147 @@
+"""Optimisers (LARS, SGD, Adam), the BN/bias exclusions, and the per-step warmup + cosine schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from .errors import UserError
+
+OPTIMIZERS = ("lars", "sgd", "adam")
+LR_SCALINGS = ("none", "linear", "sqrt")
+
+
+def scaled_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
+    """The paper's learning-rate scaling: base * batch / 256 (linear), base * sqrt(batch) (sqrt), or base (none)."""
+    if rule == "linear":
+        return base_lr * batch_size / 256
+    if rule == "sqrt":
+        return base_lr * math.sqrt(batch_size)
+    if rule == "none":
+        return base_lr
+    raise UserError(f"unknown lr_scaling {rule!r}: choose one of {', '.join(LR_SCALINGS)}")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: weights (decayed, LARS-adapted) and BatchNorm parameters + biases (neither), as in the paper."""
+    decay, exclude = [], []
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
+            (exclude if is_norm or name == "bias" else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+        {"params": exclude, "weight_decay": 0.0, "lars_exclude": True},
+    ]
+
+
+class LARS(torch.optim.Optimizer):
+    """Layer-wise Adaptive Rate Scaling (You et al. 2017) as SimCLR uses it: SGD with momentum whose update of
+    each weight tensor is scaled by trust = eta * ||w|| / ||g + wd * w||. Groups with `lars_exclude=True`
+    (BatchNorm and biases) get plain momentum SGD with no weight decay and no adaptation.
+    """
+
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+        if lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False)
+        super().__init__(params, defaults)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update; trust ratios are computed on the device with torch.where (no host sync)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                grad = p.grad
+                if not group["lars_exclude"]:
+                    grad = grad.add(p, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(grad)
+                    # A zero norm (fresh zero weights, or no gradient) means "no adaptation", trust 1.
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
+                                        torch.ones_like(w_norm))
+                    grad = grad.mul(trust)
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.clone(grad).detach()
+                else:
+                    state["momentum_buffer"].mul_(group["momentum"]).add_(grad)
+                p.add_(state["momentum_buffer"], alpha=-group["lr"])
+        return loss
+
+
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9):
+    """LARS, SGD (momentum) or Adam over `param_groups(model)`; `lr` is the already scaled learning rate."""
+    groups = param_groups(model, weight_decay)
+    if name == "lars":
+        return LARS(groups, lr=lr, momentum=momentum)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr)
+    raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_fraction: float = 0.0) -> float:
+    """The learning-rate multiplier at `step`: linear warmup to 1, then cosine decay to `final_fraction`.
+
+    Step 0 already trains with 1/warmup of the rate (never 0); the last step (total_steps - 1) gets exactly
+    `final_fraction`.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - 1 - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class WarmupCosineSchedule:
+    """Per-iteration schedule: call `step()` after every optimiser step; it sets each group's lr for the next one.
+
+    Stepping per iteration over the real number of steps is the point: a CosineAnnealingLR built with
+    T_max = steps per epoch but stepped once per epoch (a common bug) never decays over a long run.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
+                 final_fraction: float = 0.0) -> None:
+        self.optimizer = optimizer
+        self.total_steps = total_steps
+        self.warmup_steps = warmup_steps
+        self.final_fraction = final_fraction
+        self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
+        self.last_step = 0
+        self._apply()
+
+    def _apply(self) -> None:
+        factor = warmup_cosine(self.last_step, self.total_steps, self.warmup_steps, self.final_fraction)
+        for group, base in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = base * factor
+
+    def step(self) -> None:
+        """Advance one iteration."""
+        self.last_step += 1
+        self._apply()
+
+    def get_last_lr(self) -> list[float]:
+        """The learning rates the next optimiser step will use."""
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def state_dict(self) -> dict:
+        """Everything needed to resume."""
+        return {k: getattr(self, k) for k in ("total_steps", "warmup_steps", "final_fraction", "base_lrs",
+                                               "last_step")}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from `state_dict()`."""
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._apply()

@@ -1,0 +1,132 @@
+"""The main job behind `python run.py`: pretrain -> evaluate -> figures -> summary, in one run folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .data import DatasetSplits, balanced_subset, load_splits
+from .errors import UserError
+from .evaluate import extract_features, knn_accuracy, linear_probe
+from .models import SimCLR, build_model
+from .train import CHECKPOINT, device_description, pretrain, read_metrics, resolve_device
+
+
+def new_run_dir(out: str | Path | None, preset: str, runs_root: str | Path = "runs") -> Path:
+    """A fresh run folder: `out` if given (it must not hold a run yet), else runs/<preset>-<timestamp>."""
+    if out is not None:
+        path = Path(out)
+        if path.exists() and any(path.iterdir()):
+            raise UserError(f"{path} already exists: pass --resume to continue that run, or choose another --out")
+    else:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path(runs_root) / f"{preset}-{stamp}"
+        suffix = 2
+        while path.exists():
+            path = Path(runs_root) / f"{preset}-{stamp}-{suffix}"
+            suffix += 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def load_data(config: dict[str, Any]) -> tuple[DatasetSplits, Any]:
+    """The data set's splits and the (possibly class-balanced subset of the) pretraining images."""
+    splits = load_splits(config["dataset"], config["data_root"], config["image_size"], config["download"],
+                         config["skip_bad_images"])
+    pretrain_data = splits.pretrain
+    if config["train_subset"] is not None:
+        if config["train_subset"] > len(pretrain_data):
+            raise UserError(f"train_subset {config['train_subset']} is larger than the {len(pretrain_data)} "
+                            "pretraining images")
+        pretrain_data = balanced_subset(pretrain_data, config["train_subset"], config["seed"])
+    return splits, pretrain_data
+
+
+def evaluate_model(model: SimCLR, splits: DatasetSplits, config: dict[str, Any], device: torch.device,
+                   progress: bool = True) -> dict[str, float]:
+    """kNN and linear-probe top-1 (percent) on the full test set, with the full training set as bank/probe data."""
+    train_f = extract_features(model, splits.train.images, config["eval_batch_size"], device)
+    test_f = extract_features(model, splits.test.images, config["eval_batch_size"], device)
+    knn = knn_accuracy(train_f, splits.train.labels, test_f, splits.test.labels, splits.num_classes,
+                       config["knn_k"], config["knn_temperature"])
+    probe = linear_probe(train_f, splits.train.labels, test_f, splits.test.labels, splits.num_classes,
+                         epochs=config["probe_epochs"], lr=config["probe_lr"], seed=config["seed"],
+                         progress=progress)
+    return {"knn_top1": knn, "linear_top1": probe["top1"], "linear_train_top1": probe["train_top1"]}
+
+
+def run(config: dict[str, Any], out: str | Path | None = None, resume: bool = False,
+        progress: bool = True) -> dict[str, Any]:
+    """Pretrain, evaluate the trained and the randomly initialised network, draw figures, write summary.json."""
+    from . import viz  # matplotlib is only imported when figures are drawn
+
+    t_start = time.perf_counter()
+    if resume:
+        if out is None or not (Path(out) / CHECKPOINT).is_file():
+            raise UserError(f"--resume needs --out pointing at a run folder with {CHECKPOINT}; "
+                            f"{out} has none")
+        run_dir = Path(out)
+    else:
+        run_dir = new_run_dir(out, config["preset"])
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    device = resolve_device(config["device"])
+    print(f"run folder: {run_dir}  |  device: {device_description(device)}")
+
+    splits, pretrain_data = load_data(config)
+    print(f"data: {splits.name} from {splits.source}: {len(pretrain_data)} pretraining images, "
+          f"{len(splits.train)} train / {len(splits.test)} test for evaluation")
+    t0 = time.perf_counter()
+    model = pretrain(config, splits, pretrain_data, run_dir, resume=resume, progress=progress)
+    pretrain_wall = time.perf_counter() - t0
+    history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
+    pretrain_seconds = sum(r["seconds"] for r in history)
+
+    print("evaluating the trained encoder and the same network at random initialisation ...")
+    trained = evaluate_model(model, splits, config, device, progress)
+    random_init = evaluate_model(build_model(config, splits.mean, splits.std).to(device), splits, config, device,
+                                 progress)
+
+    figures = run_dir / "figures"
+    figures.mkdir(exist_ok=True)
+    viz.save_figure(viz.plot_training_curves(read_metrics(run_dir / "metrics.jsonl")),
+                    figures / "training_curves.png")
+
+    summary = {
+        "preset": config["preset"], "dataset": config["dataset"], "backbone": config["backbone"],
+        "width": config["width"], "epochs": config["epochs"], "batch_size": config["batch_size"],
+        "optimizer": config["optimizer"], "temperature": config["temperature"],
+        "pretrain_images": len(pretrain_data), "device": device_description(device),
+        "knn_top1": trained["knn_top1"], "linear_top1": trained["linear_top1"],
+        "random_init_knn_top1": random_init["knn_top1"], "random_init_linear_top1": random_init["linear_top1"],
+        "linear_train_top1": trained["linear_train_top1"],
+        "protocol": (f"full {splits.name} test set ({len(splits.test)} images); kNN k={config['knn_k']} "
+                     f"T={config['knn_temperature']} cosine on the full train set; linear probe on frozen "
+                     f"features, SGD+Nesterov lr {config['probe_lr']} cosine, {config['probe_epochs']} epochs, "
+                     "last epoch reported"),
+        "pretrain_seconds": pretrain_seconds, "pretrain_wall_seconds_this_session": pretrain_wall,
+        "total_seconds": time.perf_counter() - t_start,
+        "run_dir": str(run_dir),
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(format_summary(summary))
+    return summary
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The short table `python run.py` prints at the end."""
+    rows = [
+        ("", "trained", "random init"),
+        ("kNN top-1 (%)", f"{summary['knn_top1']:.2f}", f"{summary['random_init_knn_top1']:.2f}"),
+        ("linear top-1 (%)", f"{summary['linear_top1']:.2f}", f"{summary['random_init_linear_top1']:.2f}"),
+    ]
+    table = "\n".join(f"  {a:<18}{b:>10}{c:>14}" for a, b, c in rows)
+    return (f"\n{summary['preset']}: {summary['backbone']} (width {summary['width']}), {summary['epochs']} epochs, "
+            f"batch {summary['batch_size']}, {summary['optimizer']}, T={summary['temperature']}, "
+            f"on {summary['device']}\n{table}\n"
+            f"  pretraining {summary['pretrain_seconds']:.0f} s, total {summary['total_seconds']:.0f} s\n"
+            f"  results in {summary['run_dir']}/ (summary.json, metrics.jsonl, checkpoint.pt, figures/)")

@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
     presets = "; ".join(PRESETS)
     train = sub.add_parser("train", help="pretrain, evaluate (kNN + linear probe) and summarise (the default)",
-                           description=f"Pretrain -> evaluate -> figures -> summary. Presets: {presets}.")
+                           description=f"Pretrain -> evaluate -> figures -> summary. Presets: {presets}. "
+                           "Other commands: `simclr eval RUN_DIR` re-evaluates a finished run.")
     train.add_argument("--preset", default="quick", help="named recipe; every value can be overridden by a flag")
     train.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<timestamp>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -119,8 +120,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `simclr` and `python run.py`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
-        argv = ["train", *argv]  # `python run.py --epochs 3` means `simclr train --epochs 3`
+    if not argv or argv[0] not in COMMANDS:
+        argv = ["train", *argv]  # `python run.py --epochs 3` means `simclr train --epochs 3`; --help shows its flags
     args = build_parser().parse_args(argv)
     try:
         {"train": cmd_train, "eval": cmd_eval}[args.command](args)

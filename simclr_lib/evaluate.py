@@ -18,6 +18,11 @@ def autocast(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def channels_last(device: torch.device) -> bool:
+    """Whether to run convolutions in NHWC layout: faster on CUDA (tensor cores) and on CPU (oneDNN), ~1.5x."""
+    return device.type in ("cuda", "cpu")
+
+
 @torch.no_grad()
 def extract_features(model: SimCLR, images: torch.Tensor, batch_size: int = 512,
                      device: torch.device | str | None = None) -> torch.Tensor:
@@ -33,7 +38,7 @@ def extract_features(model: SimCLR, images: torch.Tensor, batch_size: int = 512,
         chunks = []
         for start in range(0, len(images), batch_size):
             batch = images[start:start + batch_size].to(device, non_blocking=True)
-            if device.type == "cuda":
+            if channels_last(device):
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 chunks.append(model.encode(batch).float())

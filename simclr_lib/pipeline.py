@@ -12,17 +12,15 @@ import torch
 
 from .data import DatasetSplits, balanced_subset, load_splits
 from .errors import UserError
-from .evaluate import extract_features, knn_accuracy, linear_probe
+from .evaluate import channels_last, extract_features, knn_accuracy, linear_probe
 from .models import SimCLR, build_model
 from .train import CHECKPOINT, device_description, pretrain, read_metrics, resolve_device
 
 
 def new_run_dir(out: str | Path | None, preset: str, runs_root: str | Path = "runs") -> Path:
-    """A fresh run folder: `out` if given (it must not hold a run yet), else runs/<preset>-<timestamp>."""
+    """A fresh run folder: `out` if given (`run` has checked it holds nothing), else runs/<preset>-<timestamp>."""
     if out is not None:
         path = Path(out)
-        if path.exists() and any(path.iterdir()):
-            raise UserError(f"{path} already exists: pass --resume to continue that run, or choose another --out")
     else:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         path = Path(runs_root) / f"{preset}-{stamp}"
@@ -66,18 +64,19 @@ def run(config: dict[str, Any], out: str | Path | None = None, resume: bool = Fa
     from . import viz  # matplotlib is only imported when figures are drawn
 
     t_start = time.perf_counter()
+    if resume and (out is None or not (Path(out) / CHECKPOINT).is_file()):
+        raise UserError(f"--resume needs --out pointing at a run folder with {CHECKPOINT}; {out} has none")
+    if not resume and out is not None and Path(out).exists() and any(Path(out).iterdir()):
+        raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another --out")
+    device = resolve_device(config["device"])
+    # Data first: a missing data set must not leave an empty run folder behind.
+    splits, pretrain_data = load_data(config)
     if resume:
-        if out is None or not (Path(out) / CHECKPOINT).is_file():
-            raise UserError(f"--resume needs --out pointing at a run folder with {CHECKPOINT}; "
-                            f"{out} has none")
         run_dir = Path(out)
     else:
         run_dir = new_run_dir(out, config["preset"])
         (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    device = resolve_device(config["device"])
     print(f"run folder: {run_dir}  |  device: {device_description(device)}")
-
-    splits, pretrain_data = load_data(config)
     print(f"data: {splits.name} from {splits.source}: {len(pretrain_data)} pretraining images, "
           f"{len(splits.train)} train / {len(splits.test)} test for evaluation")
     t0 = time.perf_counter()
@@ -88,8 +87,11 @@ def run(config: dict[str, Any], out: str | Path | None = None, resume: bool = Fa
 
     print("evaluating the trained encoder and the same network at random initialisation ...")
     trained = evaluate_model(model, splits, config, device, progress)
-    random_init = evaluate_model(build_model(config, splits.mean, splits.std).to(device), splits, config, device,
-                                 progress)
+    # The baseline is the very network training started from: build_model is seeded by config["seed"].
+    baseline = build_model(config, splits.mean, splits.std).to(device)
+    if channels_last(device):
+        baseline = baseline.to(memory_format=torch.channels_last)
+    random_init = evaluate_model(baseline, splits, config, device, progress)
 
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)

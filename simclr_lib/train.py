@@ -15,7 +15,7 @@ import torch
 from .augment import SimCLRAugment
 from .data import DatasetSplits, ImageData
 from .errors import UserError
-from .evaluate import autocast, extract_features, knn_accuracy
+from .evaluate import autocast, channels_last, extract_features, knn_accuracy
 from .loss import nt_xent_loss
 from .models import SimCLR, build_model, load_model_state
 from .optim import WarmupCosineSchedule, build_optimizer, scaled_lr
@@ -144,8 +144,9 @@ def pretrain(config: dict[str, Any], splits: DatasetSplits, pretrain_data: Image
     total_steps = config["epochs"] * steps_per_epoch
 
     model = build_model(config, splits.mean, splits.std).to(device)
-    if device.type == "cuda":
+    if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     lr = scaled_lr(config["lr"], batch_size, config["lr_scaling"])
     optimizer = build_optimizer(config["optimizer"], model, lr, config["weight_decay"], config["momentum"])
@@ -183,7 +184,7 @@ def pretrain(config: dict[str, Any], splits: DatasetSplits, pretrain_data: Image
             generator.manual_seed(step_seed(config["seed"], epoch, i))
             batch = images[order[i * batch_size:(i + 1) * batch_size]]
             views = torch.cat([augment(batch, generator), augment(batch, generator)])
-            if device.type == "cuda":
+            if channels_last(device):
                 views = views.contiguous(memory_format=torch.channels_last)
             with autocast(device):
                 z = forward(views)

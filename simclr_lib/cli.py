@@ -1,9 +1,9 @@
-"""Command line: `python run.py [flags]` / `simclr train [flags]` runs the main job; `simclr eval RUN` re-evaluates."""
+"""Command line: `python run.py [flags]` / `simclr train [flags]` runs the main job; `evaluate`, `tsne` and
+`report` work on finished runs (`python run.py evaluate RUN_DIR` works too)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +11,7 @@ from typing import Any
 from .config import FIELDS, PRESETS, TYPES, load_config, make_config, validate
 from .errors import UserError
 
-COMMANDS = ("train", "eval")
+COMMANDS = ("train", "evaluate", "eval", "tsne", "report")
 RESUMABLE = {"device", "log_every", "knn_every", "eval_batch_size", "probe_epochs"}
 
 
@@ -55,18 +55,38 @@ def build_parser() -> argparse.ArgumentParser:
     presets = "; ".join(PRESETS)
     train = sub.add_parser("train", help="pretrain, evaluate (kNN + linear probe) and summarise (the default)",
                            description=f"Pretrain -> evaluate -> figures -> summary. Presets: {presets}. "
-                           "Other commands: `simclr eval RUN_DIR` re-evaluates a finished run.")
+                           "Other commands: evaluate, tsne, report (see `simclr evaluate --help`).")
     train.add_argument("--preset", default="quick", help="named recipe; every value can be overridden by a flag")
     train.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<timestamp>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     add_config_flags(train)
-    ev = sub.add_parser("eval", help="evaluate a run's checkpoint: kNN + linear probe, trained vs random init")
-    ev.add_argument("run_dir", help="a run folder holding checkpoint.pt and config.json")
-    ev.add_argument("--data-root", default=None, help="where the data set is (default: the run's)")
-    ev.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: the run's)")
-    ev.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ev = sub.add_parser("evaluate", aliases=["eval"], help="evaluate a trained model: kNN, linear probe, "
+                        "label-fraction fine-tuning vs supervised; writes eval.json, figures and report.md",
+                        description="Evaluate a run folder, a checkpoint file or an http(s)/file URL of one "
+                        "(downloaded once into runs/). Accuracies are on the full test set, last epoch.")
+    _source_args(ev)
+    ev.add_argument("--label-fractions", default="1,10", metavar="PCTS",
+                    help="percent of train labels for fine-tuning, comma-separated ('' for none; default 1,10)")
+    ev.add_argument("--no-supervised", action="store_true", help="skip the supervised-from-scratch baseline")
+    for name in ("probe_epochs", "finetune_epochs", "finetune_lr", "finetune_batch_size", "eval_batch_size"):
+        ev.add_argument("--" + name.replace("_", "-"), type=TYPES[name], default=None,
+                        help=FIELDS[name].metadata["help"])
+    ts = sub.add_parser("tsne", help="t-SNE of test representations (trained vs random init) and a retrieval figure")
+    _source_args(ts)
+    ts.add_argument("--tsne-points", type=int, default=None, help=FIELDS["tsne_points"].metadata["help"])
+    rp = sub.add_parser("report", help="a Markdown report comparing one or more runs")
+    rp.add_argument("run_dirs", nargs="+", help="run folders")
+    rp.add_argument("--out", default=None, help="report file (default: report.md in the first run folder)")
     return parser
+
+
+def _source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", help="a run folder, a checkpoint .pt file, or an http(s)/file URL of one")
+    parser.add_argument("--sha256", default=None, help="expected SHA-256 of the checkpoint file")
+    parser.add_argument("--data-root", default=None, help="where the data set is (default: the run's)")
+    parser.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: the run's)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,27 +114,45 @@ def cmd_train(args: argparse.Namespace) -> None:
     run(config, out=args.out, resume=args.resume, progress=not args.no_progress)
 
 
-def cmd_eval(args: argparse.Namespace) -> None:
-    """Re-evaluate a finished run and write eval.json."""
-    from .data import load_splits
-    from .models import SimCLR, build_model
-    from .pipeline import evaluate_model
-    from .train import resolve_device
+def _runtime_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    from .eval_job import RUNTIME_KEYS
 
-    run_dir = Path(args.run_dir)
-    config = load_config(run_dir / "config.json")
-    if args.data_root:
-        config["data_root"] = args.data_root
-    if args.device:
-        config["device"] = args.device
-    device = resolve_device(config["device"])
-    model = SimCLR.from_checkpoint(run_dir, map_location=device).to(device)
-    splits = load_splits(config["dataset"], config["data_root"], config["image_size"], config["download"])
-    result = {"trained": evaluate_model(model, splits, config, device, not args.no_progress),
-              "random_init": evaluate_model(build_model(config, splits.mean, splits.std).to(device), splits,
-                                            config, device, not args.no_progress)}
-    (run_dir / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result, indent=2))
+    return {k: getattr(args, k) for k in RUNTIME_KEYS if getattr(args, k, None) is not None}
+
+
+def _fractions(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"--label-fractions takes percentages like 1,10; got {text!r}") from None
+    if any(not 0 < v <= 100 for v in values):
+        raise UserError(f"label fractions are percentages in (0, 100]; got {text!r}")
+    return values
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    """kNN, linear probe, fine-tuning vs supervised per label fraction; eval.json, figures, report."""
+    from .eval_job import evaluate_job
+
+    evaluate_job(args.source, _fractions(args.label_fractions), supervised=not args.no_supervised,
+                 sha256=args.sha256, overrides=_runtime_overrides(args), progress=not args.no_progress)
+
+
+def cmd_tsne(args: argparse.Namespace) -> None:
+    """t-SNE and retrieval figures."""
+    from .eval_job import tsne_job
+
+    tsne_job(args.source, args.sha256, _runtime_overrides(args))
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    """Markdown report of one or several runs."""
+    from .report import write_report
+
+    for run_dir in args.run_dirs:
+        if not Path(run_dir).is_dir():
+            raise UserError(f"{run_dir} is not a run folder")
+    print(f"wrote {write_report(args.run_dirs, args.out)}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,7 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         argv = ["train", *argv]  # `python run.py --epochs 3` means `simclr train --epochs 3`; --help shows its flags
     args = build_parser().parse_args(argv)
     try:
-        {"train": cmd_train, "eval": cmd_eval}[args.command](args)
+        handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "eval": cmd_evaluate, "tsne": cmd_tsne,
+                    "report": cmd_report}
+        handlers[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,14 +1,23 @@
-"""Evaluation of frozen representations: feature extraction, weighted kNN and the linear probe."""
+"""Evaluation: frozen representations (feature extraction, weighted kNN, linear probe) and the paper's
+semi-supervised protocol (fine-tuning on a label fraction, against the same network trained from scratch)."""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
+from .augment import SimCLRAugment, to_unit_float
+from .data import ImageData, balanced_indices
+from .errors import UserError
 from .models import SimCLR
+from .optim import WarmupCosineSchedule, param_groups
 
 
 def autocast(device: torch.device) -> contextlib.AbstractContextManager:
@@ -74,13 +83,14 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
                  batch_size: int = 512, weight_decay: float = 0.0, seed: int = 0,
-                 progress: bool = False) -> dict[str, float]:
+                 progress: bool = False) -> dict[str, Any]:
     """Train a linear classifier on frozen, precomputed features; report train and test top-1 in percent.
 
     The paper's protocol: SGD with Nesterov momentum 0.9, cosine decay stepped per iteration, no
     augmentation. Features are standardised with the training set's mean and std first (a fixed affine map,
     so the classifier stays linear in h) to make one learning rate work for every encoder. The reported
-    accuracy is the last epoch's; nothing is chosen on the test set.
+    accuracy is the last epoch's; nothing is chosen on the test set. Also returned: test accuracy per class
+    and the test confusion matrix (rows = true class, columns = predicted), as lists.
     """
     device = train_features.device
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
@@ -109,5 +119,187 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
             schedule.step()
     with torch.no_grad():
         train_top1 = (classifier(x_train).argmax(1) == y_train).float().mean().item() * 100
-        test_top1 = (classifier(x_test).argmax(1).cpu() == test_labels.cpu()).float().mean().item() * 100
-    return {"top1": test_top1, "train_top1": train_top1}
+        test_pred = classifier(x_test).argmax(1).cpu()
+        test_top1 = (test_pred == test_labels.cpu()).float().mean().item() * 100
+    return {"top1": test_top1, "train_top1": train_top1,
+            "per_class": per_class_accuracy(test_pred, test_labels, num_classes),
+            "confusion": confusion_matrix(test_pred, test_labels, num_classes).tolist()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-class metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Counts (num_classes, num_classes) int64 on the CPU: row = true class, column = predicted class."""
+    predictions, labels = predictions.flatten().long().cpu(), labels.flatten().long().cpu()
+    if predictions.shape != labels.shape:
+        raise ValueError(f"{len(predictions)} predictions for {len(labels)} labels")
+    # An out-of-range class would silently land in another cell of the flattened matrix.
+    for name, values in (("predictions", predictions), ("labels", labels)):
+        if len(values) and not (0 <= values.min() and values.max() < num_classes):
+            raise ValueError(f"{name} must lie in 0..{num_classes - 1}, got {values.min()}..{values.max()}")
+    # One bincount over the pair index true * C + predicted fills every cell at once.
+    counts = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
+    return counts.view(num_classes, num_classes)
+
+
+def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
+    """Top-1 accuracy in percent of each class (NaN for a class with no examples in `labels`)."""
+    confusion = confusion_matrix(predictions, labels, num_classes).double()
+    per_class = 100.0 * confusion.diagonal() / confusion.sum(dim=1)  # 0 / 0 gives NaN: no examples, no accuracy
+    return per_class.tolist()
+
+
+# --------------------------------------------------------------------------------------------------
+# Semi-supervised protocol: fine-tuning on a label fraction, and the supervised baseline
+# --------------------------------------------------------------------------------------------------
+
+
+def label_fraction_indices(labels: torch.Tensor, percent: float, seed: int = 0) -> torch.Tensor:
+    """Sorted indices of a class-balanced `percent` % of a labelled set (at least one per class), fixed by seed."""
+    if (labels < 0).any():
+        raise UserError("a label fraction needs a labelled set, but some labels are -1 (unlabelled)")
+    if not 0 < percent <= 100:
+        raise UserError(f"the label fraction must be in (0, 100] percent, got {percent}")
+    num_classes = len(labels.unique())
+    # The paper's 1 % / 10 % subsets; a tiny fraction of a small set still gets one image per class.
+    n = min(len(labels), max(round(len(labels) * percent / 100), num_classes))
+    return balanced_indices(labels, n, seed)
+
+
+def _normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images -> the normalised float input of the encoder (mean, std of shape (1, 3, 1, 1))."""
+    return (to_unit_float(images) - mean) / std
+
+
+@torch.no_grad()
+def _predict(network: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+             device: torch.device, batch_size: int = 512) -> torch.Tensor:
+    """Predicted classes (CPU int64) of uint8 images, with `network` in eval mode and no augmentation."""
+    network.eval()
+    predictions = []
+    for start in range(0, len(images), batch_size):
+        x = _normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
+        if channels_last(device):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            predictions.append(network(x).argmax(dim=1).cpu())
+    return torch.cat(predictions)
+
+
+def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, test: ImageData, num_classes: int,
+                     mean: Sequence[float], std: Sequence[float], epochs: int = 30, batch_size: int = 256,
+                     lr: float = 0.05, weight_decay: float = 5e-4, crop_scale: tuple[float, float] = (0.2, 1.0),
+                     device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
+                     desc: str = "fine-tune") -> dict[str, Any]:
+    """Train encoder + a new linear head end to end on `train` with light augmentation; evaluate on all of `test`.
+
+    Every weight is trained (unlike the linear probe) with SGD + Nesterov momentum, a cosine schedule stepped
+    per iteration and no weight decay on BatchNorm parameters and biases. Augmentation is crop-and-resize +
+    flip only. A copy of `encoder` is trained, so the caller's module is left as it was. The test set is used
+    once, after the last epoch: nothing is chosen on it.
+
+    Returns top1 / train_top1 (percent; train = the labelled images, un-augmented), per_class, confusion
+    (rows = true class), epochs, steps, labelled_images and train_loss (mean loss of the last epoch).
+    """
+    # (train imports this module, so its seeding rule is imported here, when the function runs.)
+    from .train import step_seed
+
+    if len(train) < 2:
+        raise UserError(f"fine-tuning needs at least 2 labelled images (BatchNorm in train mode), got {len(train)}")
+    device = torch.device(device)
+    # Never train the caller's module: a pretrained model must stay usable for the next label fraction.
+    encoder = copy.deepcopy(encoder).to(device)
+    with torch.random.fork_rng(devices=[]):  # a seeded head that leaves the caller's global RNG alone
+        torch.manual_seed(seed)
+        head = nn.Linear(feature_dim, num_classes)
+    network = nn.Sequential(encoder, head).to(device).requires_grad_(True)  # every weight trains, even frozen ones
+    if channels_last(device):
+        network = network.to(memory_format=torch.channels_last)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+    n = len(train)
+    batch_size = min(batch_size, n)
+    # A last batch of 1 image would break BatchNorm (and is worth nothing): it is dropped, others are kept.
+    steps_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)
+    total_steps = epochs * steps_per_epoch
+    optimizer = torch.optim.SGD(param_groups(network, weight_decay), lr=lr, momentum=0.9, nesterov=True)
+    schedule = WarmupCosineSchedule(optimizer, total_steps, warmup_steps=0)
+    augment = SimCLRAugment(image_size=train.image_size, crop_scale=crop_scale, color_prob=0.0, gray_prob=0.0,
+                            blur_prob=0.0, mean=tuple(mean), std=tuple(std)).to(device)
+    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    # The labelled set is small: keep it on the device as uint8 and augment there, batch by batch.
+    images, labels = train.images.to(device), train.labels.to(device)
+    generator = torch.Generator(device=device)
+    epochs_iter = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+        epochs_iter = tqdm(epochs_iter, desc=desc, leave=False)
+    loss_sum = torch.zeros((), device=device)
+    for epoch in epochs_iter:
+        network.train()
+        generator.manual_seed(step_seed(seed, epoch, -1))
+        order = torch.randperm(n, device=device, generator=generator)
+        loss_sum = torch.zeros((), device=device)
+        for i in range(steps_per_epoch):
+            idx = order[i * batch_size:(i + 1) * batch_size]
+            # Seeding every step from (seed, epoch, step) makes each view reproducible on its own.
+            generator.manual_seed(step_seed(seed, epoch, i))
+            views = augment(images[idx], generator)
+            if channels_last(device):
+                views = views.contiguous(memory_format=torch.channels_last)
+            with autocast(device):
+                logits = network(views)
+            loss = F.cross_entropy(logits.float(), labels[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.detach()  # summed on the device: no host sync inside the epoch
+        if progress:
+            epochs_iter.set_postfix(loss=f"{(loss_sum / steps_per_epoch).item():.3f}")
+
+    test_pred = _predict(network, test.images, mean_t, std_t, device)
+    train_pred = _predict(network, train.images, mean_t, std_t, device)
+    return {
+        "top1": 100.0 * (test_pred == test.labels.cpu()).float().mean().item(),
+        "train_top1": 100.0 * (train_pred == train.labels.cpu()).float().mean().item(),
+        "per_class": per_class_accuracy(test_pred, test.labels, num_classes),
+        "confusion": confusion_matrix(test_pred, test.labels, num_classes).tolist(),
+        "epochs": epochs,
+        "steps": total_steps,
+        "labelled_images": n,
+        "train_loss": (loss_sum / max(1, steps_per_epoch)).item() if epochs else float("nan"),
+    }
+
+
+def finetune(model: SimCLR, train: ImageData, test: ImageData, num_classes: int, **kwargs: Any) -> dict[str, Any]:
+    """Fine-tune a copy of a pretrained SimCLR encoder on a labelled subset (the paper's semi-supervised protocol).
+
+    The projection head is not used (SimCLR v1 fine-tunes the encoder alone). `kwargs` go to
+    `train_classifier`; `mean` and `std` default to the model's own normalisation.
+    """
+    kwargs.setdefault("mean", model.arch["mean"])
+    kwargs.setdefault("std", model.arch["std"])
+    return train_classifier(model.encoder, model.feature_dim, train, test, num_classes, **kwargs)
+
+
+def supervised_baseline(model: SimCLR, train: ImageData, test: ImageData, num_classes: int,
+                        **kwargs: Any) -> dict[str, Any]:
+    """The same backbone trained from scratch with the same budget: `model`'s architecture re-initialised.
+
+    Only the architecture is taken from `model` (its weights are not used); pass the same `kwargs` as to
+    `finetune` so the two differ in nothing but the starting point.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(kwargs.get("seed", 0))
+        fresh = SimCLR(**model.arch)
+    kwargs.setdefault("mean", model.arch["mean"])
+    kwargs.setdefault("std", model.arch["std"])
+    kwargs.setdefault("desc", "supervised")
+    return train_classifier(fresh.encoder, fresh.feature_dim, train, test, num_classes, **kwargs)

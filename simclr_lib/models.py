@@ -10,6 +10,7 @@ import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .augment import CIFAR10_MEAN, CIFAR10_STD, to_unit_float
+from .checkpoints import resolve_checkpoint
 from .errors import UserError
 
 BACKBONES = ("resnet18", "resnet50")
@@ -114,13 +115,10 @@ class SimCLR(nn.Module):
         return self.encoder(self.normalize(images))
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> SimCLR:
-        """Rebuild a model from a checkpoint written by `simclr_lib.train` (a run folder or a .pt file)."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "checkpoint.pt"
-        if not path.is_file():
-            raise UserError(f"no checkpoint at {path}: pass a run folder that holds checkpoint.pt, or a .pt file")
+    def from_checkpoint(cls, source: str | Path, map_location: str | torch.device = "cpu",
+                        sha256: str | None = None) -> SimCLR:
+        """Rebuild a model from a checkpoint of `simclr_lib.train`: a run folder, a .pt file or an http(s)/file URL."""
+        path = resolve_checkpoint(source, sha256=sha256)
         try:
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as exc:  # a truncated or foreign file: say so in one line

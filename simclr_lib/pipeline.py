@@ -8,12 +8,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .data import DatasetSplits, balanced_subset, load_splits
 from .errors import UserError
-from .evaluate import channels_last, extract_features, knn_accuracy, linear_probe
-from .models import SimCLR, build_model
+from .eval_job import evaluate_model, random_init_model, representation_figures, write_linear_eval
+from .report import write_report
 from .train import CHECKPOINT, device_description, pretrain, read_metrics, resolve_device
 
 
@@ -45,19 +43,6 @@ def load_data(config: dict[str, Any]) -> tuple[DatasetSplits, Any]:
     return splits, pretrain_data
 
 
-def evaluate_model(model: SimCLR, splits: DatasetSplits, config: dict[str, Any], device: torch.device,
-                   progress: bool = True) -> dict[str, float]:
-    """kNN and linear-probe top-1 (percent) on the full test set, with the full training set as bank/probe data."""
-    train_f = extract_features(model, splits.train.images, config["eval_batch_size"], device)
-    test_f = extract_features(model, splits.test.images, config["eval_batch_size"], device)
-    knn = knn_accuracy(train_f, splits.train.labels, test_f, splits.test.labels, splits.num_classes,
-                       config["knn_k"], config["knn_temperature"])
-    probe = linear_probe(train_f, splits.train.labels, test_f, splits.test.labels, splits.num_classes,
-                         epochs=config["probe_epochs"], lr=config["probe_lr"], seed=config["seed"],
-                         progress=progress)
-    return {"knn_top1": knn, "linear_top1": probe["top1"], "linear_train_top1": probe["train_top1"]}
-
-
 def run(config: dict[str, Any], out: str | Path | None = None, resume: bool = False,
         progress: bool = True) -> dict[str, Any]:
     """Pretrain, evaluate the trained and the randomly initialised network, draw figures, write summary.json."""
@@ -87,16 +72,17 @@ def run(config: dict[str, Any], out: str | Path | None = None, resume: bool = Fa
 
     print("evaluating the trained encoder and the same network at random initialisation ...")
     trained = evaluate_model(model, splits, config, device, progress)
-    # The baseline is the very network training started from: build_model is seeded by config["seed"].
-    baseline = build_model(config, splits.mean, splits.std).to(device)
-    if channels_last(device):
-        baseline = baseline.to(memory_format=torch.channels_last)
+    baseline = random_init_model(config, splits, device)
     random_init = evaluate_model(baseline, splits, config, device, progress)
 
     figures = run_dir / "figures"
     figures.mkdir(exist_ok=True)
     viz.save_figure(viz.plot_training_curves(read_metrics(run_dir / "metrics.jsonl")),
                     figures / "training_curves.png")
+    viz.save_figure(viz.plot_confusion_matrix(trained["linear"]["confusion"], splits.test.classes),
+                    figures / "confusion_matrix.png")
+    print(f"drawing t-SNE ({config['tsne_points']} test images) and nearest-neighbour retrieval ...")
+    representation_figures(model, baseline, splits, config, device, figures)
 
     summary = {
         "preset": config["preset"], "dataset": config["dataset"], "backbone": config["backbone"],
@@ -115,7 +101,10 @@ def run(config: dict[str, Any], out: str | Path | None = None, resume: bool = Fa
         "run_dir": str(run_dir),
     }
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_linear_eval(run_dir, trained, random_init, splits, config, device_description(device))
+    report = write_report([run_dir])
     print(format_summary(summary))
+    print(f"  report: {report}  (simclr evaluate {run_dir} adds label-fraction fine-tuning vs supervised)")
     return summary
 
 

@@ -13,14 +13,13 @@ from typing import Any
 import torch
 
 from .augment import SimCLRAugment
+from .checkpoints import CHECKPOINT
 from .data import DatasetSplits, ImageData
 from .errors import UserError
 from .evaluate import autocast, channels_last, extract_features, knn_accuracy
 from .loss import nt_xent_loss
 from .models import SimCLR, build_model, load_model_state
 from .optim import WarmupCosineSchedule, build_optimizer, scaled_lr
-
-CHECKPOINT = "checkpoint.pt"
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -6,8 +6,15 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib.pyplot as plt
+import numpy as np
 import torch
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+# Titles in plot_retrieval: a neighbour of the query's class, and one of another class.
+MATCH_COLOUR = "tab:green"
+MISMATCH_COLOUR = "tab:red"
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
@@ -75,3 +82,166 @@ def plot_augmentation_grid(images: torch.Tensor, augment, n_views: int = 6, seed
                                                 else originals.float(), size=views[0].shape[-1])
     grid = torch.stack([originals] + [(v * std + mean).clamp(0, 1) for v in views], dim=1).flatten(0, 1)
     return show_images(grid, nrow=n_views + 1, title="original, then independent augmented views")
+
+
+def _to_numpy(values: Any) -> np.ndarray:
+    """A tensor, list or array as a NumPy array (tensors may live on any device)."""
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def _as_rgb(image: torch.Tensor) -> np.ndarray:
+    """One (3, H, W) uint8 or [0, 1] float image as an (H, W, 3) array imshow understands."""
+    image = image.detach().cpu()
+    image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
+    return image.clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def class_colours(n: int) -> list[Any]:
+    """n distinguishable colours from a qualitative palette (tab10, tab20, then evenly spaced hues)."""
+    if n <= 10:
+        return list(plt.get_cmap("tab10").colors[:n])
+    if n <= 20:
+        return list(plt.get_cmap("tab20").colors[:n])
+    # Beyond 20 classes (CIFAR-100) no qualitative palette is long enough; spread hues evenly instead.
+    return [plt.get_cmap("hsv")(i / n) for i in range(n)]
+
+
+def tsne_embedding(features: torch.Tensor, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
+    """A 2-d t-SNE map (N, 2) of L2-normalised features, reduced to at most 50 dimensions with PCA first."""
+    from sklearn.decomposition import PCA  # scikit-learn takes seconds to import: only load it when needed
+    from sklearn.manifold import TSNE
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
+    x = torch.nn.functional.normalize(features.detach().float().cpu().flatten(1), dim=1).numpy()
+    n = len(x)
+    if n < 4:
+        raise ValueError(f"t-SNE needs at least 4 points, got {n}")
+    # kNN and the linear probe compare features by cosine similarity; normalising makes t-SNE see the same geometry.
+    n_components = min(50, n, x.shape[1])
+    if x.shape[1] > n_components:
+        # Standard practice (van der Maaten): PCA to 50 dims keeps the structure and makes the neighbour search cheap.
+        x = PCA(n_components=n_components, random_state=seed).fit_transform(x)
+    # sklearn refuses perplexity >= N; a third of the points is the usual cap for tiny inputs.
+    perplexity = min(perplexity, (n - 1) / 3)
+    tsne = TSNE(n_components=2, perplexity=perplexity, init="pca", learning_rate="auto", random_state=seed)
+    # One OpenMP thread: with PyTorch's own OpenMP runtime loaded, sklearn's multi-threaded Barnes-Hut loop was
+    # 2-10x slower on a 2-core machine (Colab-sized) than a single thread; the result is the same either way.
+    with threadpool_limits(limits=1, user_api="openmp"):
+        return tsne.fit_transform(x)
+
+
+def plot_tsne(embeddings: dict[str, np.ndarray], labels: Any, classes: list[str], title: str | None = None) -> Figure:
+    """Side-by-side 2-d maps (e.g. random init vs trained encoder), points coloured by class, one shared legend."""
+    labels = _to_numpy(labels).astype(int)
+    colours = class_colours(len(classes))
+    fig, axes = plt.subplots(1, len(embeddings), figsize=(5 * len(embeddings) + 1.5, 5), squeeze=False,
+                             layout="constrained")
+    for ax, (name, points) in zip(axes[0], embeddings.items()):
+        points = _to_numpy(points)
+        # Small, translucent points: thousands of them overlap, and the density of each colour is what matters.
+        ax.scatter(points[:, 0], points[:, 1], c=[colours[i] for i in labels], s=6, alpha=0.7, linewidths=0)
+        ax.set_title(name)
+        # t-SNE coordinates have no units and no meaning of their own: only who sits near whom does.
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("t-SNE dimension 1")
+        ax.set_ylabel("t-SNE dimension 2")
+    # Built by hand so every class gets an entry with a visible marker, even one absent from the points shown.
+    handles = [Line2D([], [], marker="o", linestyle="", markersize=7, color=colours[i], label=name)
+               for i, name in enumerate(classes)]
+    fig.legend(handles=handles, loc="outside right center", title="true class", ncols=1 + len(classes) // 25)
+    fig.suptitle(title or "t-SNE of encoder features (colour: true class, not used to compute the map)")
+    return fig
+
+
+def plot_retrieval(queries: torch.Tensor, neighbours: torch.Tensor, query_labels: Any, neighbour_labels: Any,
+                   classes: list[str], similarities: torch.Tensor | None = None) -> Figure:
+    """Each row: a query image, then its k nearest training images, titled with their class (green = same class)."""
+    n_queries, k = neighbours.shape[:2]
+    query_labels = _to_numpy(query_labels).astype(int).reshape(n_queries)
+    neighbour_labels = _to_numpy(neighbour_labels).astype(int).reshape(n_queries, k)
+    sims = None if similarities is None else _to_numpy(similarities).reshape(n_queries, k)
+    fig, axes = plt.subplots(n_queries, k + 1, figsize=(1.5 * (k + 1) + 0.5, 1.75 * n_queries + 0.8),
+                             squeeze=False, layout="constrained")
+    for row in range(n_queries):
+        ax = axes[row, 0]
+        ax.imshow(_as_rgb(queries[row]), interpolation="nearest")
+        ax.set_title(f"query:\n{classes[query_labels[row]]}", fontsize=9, fontweight="bold")
+        for col in range(k):
+            ax = axes[row, col + 1]
+            ax.imshow(_as_rgb(neighbours[row, col]), interpolation="nearest")
+            label = neighbour_labels[row, col]
+            colour = MATCH_COLOUR if label == query_labels[row] else MISMATCH_COLOUR
+            text = classes[label] if sims is None else f"{classes[label]}\ncos {sims[row, col]:.2f}"
+            ax.set_title(text, fontsize=9, color=colour)
+            # A coloured frame makes right and wrong neighbours visible at a glance, not only in the title.
+            for spine in ax.spines.values():
+                spine.set_edgecolor(colour)
+                spine.set_linewidth(2)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    for col, ax in enumerate(axes[-1]):
+        ax.set_xlabel("query" if col == 0 else f"neighbour {col}", fontsize=8)
+    fig.legend(handles=[Patch(color=MATCH_COLOUR, label="same class as the query"),
+                        Patch(color=MISMATCH_COLOUR, label="another class")],
+               loc="outside lower center", ncols=2, fontsize=9)
+    fig.suptitle("nearest training images by cosine similarity of encoder features")
+    return fig
+
+
+def row_normalised_percent(confusion: Any) -> np.ndarray:
+    """A confusion matrix (rows = true class) as percent of each true class; an empty row stays 0."""
+    counts = _to_numpy(confusion).astype(float)
+    totals = counts.sum(axis=1, keepdims=True)
+    return np.divide(100 * counts, totals, out=np.zeros_like(counts), where=totals > 0)
+
+
+def plot_confusion_matrix(confusion: Any, classes: list[str],
+                          title: str = "linear probe: confusion matrix") -> Figure:
+    """A heatmap of a confusion matrix (rows = true class), each row in percent of its true class."""
+    import seaborn as sns  # slow to import; only needed here
+
+    percent = row_normalised_percent(confusion)
+    n = len(classes)
+    size = max(5.0, 0.6 * n + 2)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size))
+    # Beyond ~20 classes the numbers no longer fit in their cells; the colours still show the structure.
+    sns.heatmap(percent, annot=n <= 20, fmt=".1f", annot_kws={"fontsize": 8}, cmap="Blues", vmin=0, vmax=100,
+                square=True, xticklabels=classes, yticklabels=classes, ax=ax,
+                cbar_kws={"label": "% of the true class's test images"})
+    ax.set(title=title, xlabel="predicted class", ylabel="true class")
+    ax.tick_params(axis="x", labelrotation=45)
+    ax.tick_params(axis="y", labelrotation=0)
+    fig.tight_layout()
+    return fig
+
+
+def plot_accuracy_bars(results: dict[str, dict[str, float]], title: str,
+                       xlabel: str = "fraction of training labels used", ylabel: str = "top-1 accuracy (%)") -> Figure:
+    """Grouped bars, one group per outer key (e.g. label fraction), one bar per method, values written on bars."""
+    groups = list(results)
+    # Methods in order of first appearance; a method missing from a group simply has no bar there.
+    methods: list[str] = list(dict.fromkeys(m for values in results.values() for m in values))
+    x = np.arange(len(groups))
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * max(1, len(methods)) + 2), 4))
+    highest = 0.0
+    for j, method in enumerate(methods):
+        present = [i for i, g in enumerate(groups) if results[g].get(method) is not None]
+        values = [float(results[groups[i]][method]) for i in present]
+        offset = (j - (len(methods) - 1) / 2) * width
+        bars = ax.bar(x[present] + offset, values, width, label=method)
+        ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
+        highest = max([highest, *values])
+    ax.set_xticks(x, groups)
+    ax.set_ylim(0, highest * 1.12 + 1)  # room for the labels above the tallest bar
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    # Outside the axes so it never hides a bar.
+    ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    return fig

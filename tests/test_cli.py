@@ -110,3 +110,42 @@ def test_user_mistakes_exit_2_with_one_line(args, words, tmp_path):
 def test_batch_larger_than_data_is_a_clear_error(tiny_folder, tmp_path, capsys):
     code = main(tiny_args(tiny_folder, tmp_path / "r", "--batch-size", "128"))
     assert code == 2 and "lower --batch-size" in capsys.readouterr().err
+
+
+def test_evaluate_tsne_and_report_commands(tiny_folder, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # a URL is downloaded into ./runs
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_folder, out, "--tsne-points", "12")) == 0
+    for name in ("eval.json", "report.md", "figures/tsne.png", "figures/retrieval.png", "figures/confusion_matrix.png"):
+        assert (out / name).is_file(), name
+    assert "report:" in capsys.readouterr().out
+    code = main(["evaluate", str(out), "--label-fractions", "25,50", "--finetune-epochs", "2", "--probe-epochs", "2",
+                 "--no-progress"])
+    assert code == 0
+    result = json.loads((out / "eval.json").read_text())
+    for key in ("knn", "linear"):
+        assert {"top1", "random_init_top1", "protocol", "split", "epochs"} <= set(result[key])
+    for kind in ("finetune", "supervised"):
+        assert set(result[kind]) == {"25", "50"}
+        assert result[kind]["25"]["labelled_images"] == 24  # 25 % of 96, class-balanced
+        assert result[kind]["25"]["epochs"] == 2 and "protocol" in result[kind]["25"]
+    assert len(result["linear"]["confusion"]) == 4
+    assert (out / "figures" / "label_fractions.png").is_file()
+    # evaluating by checkpoint file or file URL gives the same kNN number (everything is seeded)
+    assert main(["evaluate", (out / "checkpoint.pt").as_uri(), "--label-fractions", "", "--probe-epochs", "2",
+                 "--no-progress"]) == 0
+    downloaded = json.loads((tmp_path / "runs" / "downloaded-checkpoint" / "eval.json").read_text())
+    assert downloaded["knn"]["top1"] == result["knn"]["top1"]
+    assert main(["tsne", str(out), "--tsne-points", "12"]) == 0
+    other = tmp_path / "other"
+    assert main(tiny_args(tiny_folder, other, "--temperature", "0.2", "--tsne-points", "12")) == 0
+    report = tmp_path / "compare.md"
+    assert main(["report", str(out), str(other), "--out", str(report)]) == 0
+    text = report.read_text()
+    assert f"{result['knn']['top1']:.2f}" in text and "0.2" in text
+
+
+def test_evaluate_rejects_a_bad_source(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope")]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path), "--label-fractions", "0,200"]) == 2

@@ -1,0 +1,274 @@
+"""Figures (t-SNE, retrieval, confusion matrix, accuracy bars) and the Markdown run report, on tiny inputs."""
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display in tests; must come before pyplot is imported
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.colors import to_rgba  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from simclr_lib import viz  # noqa: E402
+from simclr_lib.cli import main as cli_main  # noqa: E402
+from simclr_lib.errors import UserError  # noqa: E402
+from simclr_lib.report import write_report  # noqa: E402
+
+CLASSES = ["cat", "dog", "ship"]
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
+
+
+def two_clusters(n_per_cluster: int = 60, dim: int = 64, seed: int = 0) -> tuple[torch.Tensor, np.ndarray]:
+    """Two Gaussian clusters around opposite directions: far apart in cosine distance."""
+    g = torch.Generator().manual_seed(seed)
+    centre = torch.randn(dim, generator=g)
+    a = centre + 0.3 * torch.randn(n_per_cluster, dim, generator=g)
+    b = -centre + 0.3 * torch.randn(n_per_cluster, dim, generator=g)
+    labels = np.array([0] * n_per_cluster + [1] * n_per_cluster)
+    return torch.cat([a, b]), labels
+
+
+# ---------------------------------------------------------------- t-SNE
+
+
+def test_tsne_embedding_shape_determinism_and_separation():
+    features, labels = two_clusters()
+    first = viz.tsne_embedding(features, seed=0)
+    second = viz.tsne_embedding(features, seed=0)
+    assert first.shape == (120, 2)
+    assert np.isfinite(first).all()
+    np.testing.assert_allclose(first, second, rtol=0, atol=1e-6)
+    # Nearest centroid in the 2-d map must recover the two clusters.
+    centroids = np.stack([first[labels == c].mean(axis=0) for c in (0, 1)])
+    predicted = np.linalg.norm(first[:, None, :] - centroids[None], axis=2).argmin(axis=1)
+    assert (predicted == labels).mean() == 1.0
+
+
+def test_tsne_embedding_handles_few_points_and_few_dims():
+    # 10 points in 5-d: no PCA step, and the default perplexity (30) is more than sklearn allows for 10 points.
+    features, _ = two_clusters(n_per_cluster=5, dim=5)
+    embedding = viz.tsne_embedding(features, seed=1)
+    assert embedding.shape == (10, 2)
+    assert np.isfinite(embedding).all()
+
+
+def test_plot_tsne_panels_legend_and_no_ticks():
+    rng = np.random.default_rng(0)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    embeddings = {"random init": rng.normal(size=(6, 2)), "trained encoder": rng.normal(size=(6, 2))}
+    fig = viz.plot_tsne(embeddings, labels, CLASSES, title="my t-SNE")
+    assert isinstance(fig, Figure)
+    assert [ax.get_title() for ax in fig.axes] == ["random init", "trained encoder"]
+    assert len(fig.legends) == 1
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == CLASSES
+    assert fig._suptitle.get_text() == "my t-SNE"
+    for ax in fig.axes:
+        assert len(ax.get_xticks()) == 0 and len(ax.get_yticks()) == 0
+        assert ax.get_xlabel() and ax.get_ylabel()
+        assert len(ax.collections[0].get_offsets()) == 6
+    # Points of one class share a colour and differ from the other classes'.
+    colours = fig.axes[0].collections[0].get_facecolors()
+    np.testing.assert_allclose(colours[0], colours[3])
+    assert not np.allclose(colours[0], colours[1])
+
+
+def test_class_colours_distinct_for_many_classes():
+    for n in (3, 10, 15, 100):
+        colours = [tuple(np.round(to_rgba(c), 4)) for c in viz.class_colours(n)]
+        assert len(set(colours)) == n
+
+
+# ---------------------------------------------------------------- retrieval
+
+
+def test_plot_retrieval_grid_titles_and_colours():
+    n_queries, k = 2, 3
+    queries = torch.randint(0, 256, (n_queries, 3, 8, 8), dtype=torch.uint8)
+    neighbours = torch.randint(0, 256, (n_queries, k, 3, 8, 8), dtype=torch.uint8)
+    query_labels = torch.tensor([0, 2])
+    neighbour_labels = torch.tensor([[0, 1, 0], [2, 2, 0]])
+    sims = torch.tensor([[0.91, 0.85, 0.80], [0.99, 0.70, 0.65]])
+    fig = viz.plot_retrieval(queries, neighbours, query_labels, neighbour_labels, CLASSES, similarities=sims)
+    assert isinstance(fig, Figure)
+    assert len(fig.axes) == n_queries * (k + 1)
+    assert all(len(ax.images) == 1 for ax in fig.axes)
+    grid = np.array(fig.axes).reshape(n_queries, k + 1)
+    assert "query" in grid[0, 0].get_title() and "cat" in grid[0, 0].get_title()
+    for q in range(n_queries):
+        for j in range(k):
+            title = grid[q, j + 1].title
+            label = int(neighbour_labels[q, j])
+            assert CLASSES[label] in title.get_text()
+            assert f"{float(sims[q, j]):.2f}" in title.get_text()
+            expected = viz.MATCH_COLOUR if label == int(query_labels[q]) else viz.MISMATCH_COLOUR
+            assert to_rgba(title.get_color()) == to_rgba(expected)
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["same class as the query", "another class"]
+
+
+def test_plot_retrieval_without_similarities():
+    fig = viz.plot_retrieval(torch.zeros(1, 3, 4, 4, dtype=torch.uint8), torch.zeros(1, 2, 3, 4, 4, dtype=torch.uint8),
+                             [1], [[1, 2]], CLASSES)
+    assert len(fig.axes) == 3
+    assert fig.axes[1].get_title() == "dog" and fig.axes[2].get_title() == "ship"
+
+
+# ---------------------------------------------------------------- confusion matrix and bars
+
+
+def test_plot_confusion_matrix_annotations_are_row_percentages():
+    confusion = np.array([[8, 2, 0], [1, 1, 2], [0, 0, 0]])  # the last class has no test images
+    fig = viz.plot_confusion_matrix(confusion, CLASSES)
+    assert isinstance(fig, Figure)
+    heatmap, colourbar = fig.axes  # the matrix and its colour bar
+    expected = 100 * confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    shown = [float(t.get_text()) for t in heatmap.texts]
+    np.testing.assert_allclose(shown, expected.flatten().round(1))
+    assert heatmap.get_xlabel() == "predicted class" and heatmap.get_ylabel() == "true class"
+    assert heatmap.get_title() == "linear probe: confusion matrix"
+    assert [t.get_text() for t in heatmap.get_xticklabels()] == CLASSES
+    assert [t.get_text() for t in heatmap.get_yticklabels()] == CLASSES
+    assert colourbar.get_ylabel()
+
+
+def test_plot_accuracy_bars_values_and_legend():
+    results = {"1 %": {"SimCLR fine-tuned": 40.1, "supervised": 35.2}, "10 %": {"SimCLR fine-tuned": 60.5}}
+    fig = viz.plot_accuracy_bars(results, "label fractions")
+    assert isinstance(fig, Figure)
+    (ax,) = fig.axes
+    assert len(ax.patches) == 3  # the missing "supervised" at 10 % gets no bar
+    labels = sorted(t.get_text() for t in ax.texts)
+    assert labels == ["35.2", "40.1", "60.5"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["SimCLR fine-tuned", "supervised"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["1 %", "10 %"]
+    assert ax.get_title() == "label fractions" and ax.get_xlabel() and ax.get_ylabel()
+
+
+def test_save_figure_writes_png(tmp_path):
+    path = viz.save_figure(viz.plot_accuracy_bars({"a": {"m": 1.0}}, "t"), tmp_path / "sub" / "bars.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- report
+
+
+def make_run(root: Path, name: str, with_eval: bool) -> Path:
+    """A fake run folder; the full one has config, summary, eval.json and two figures, the other only summary."""
+    run = root / name
+    run.mkdir(parents=True)
+    summary = {"preset": "quick", "dataset": "cifar10", "backbone": "resnet18", "width": 8, "epochs": 16,
+               "batch_size": 256, "optimizer": "lars", "temperature": 0.5, "pretrain_images": 10000,
+               "device": "CPU (2 cores)", "knn_top1": 41.0, "linear_top1": 44.5, "random_init_knn_top1": 26.17,
+               "random_init_linear_top1": 29.126, "pretrain_seconds": 267.2, "total_seconds": 311.2,
+               "protocol": "full test set, last epoch, nothing selected on the test set", "run_dir": str(run)}
+    if not with_eval:
+        summary.update(preset="cifar10-r18", knn_top1=76.52, linear_top1=80.66, device="NVIDIA H200")
+        (run / "summary.json").write_text(json.dumps(summary))
+        return run
+    (run / "summary.json").write_text(json.dumps(summary))
+    config = {**{k: summary[k] for k in ("preset", "dataset", "backbone", "width", "epochs", "batch_size",
+                                         "optimizer", "temperature")},
+              "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-6, "train_subset": 10000, "seed": 0}
+    (run / "config.json").write_text(json.dumps(config))
+    evaluation = {
+        "device": "CPU (2 cores)", "seconds": 123.4,
+        "knn": {"top1": 42.9, "random_init_top1": 26.2, "protocol": "weighted kNN k=200", "split": "test"},
+        "linear": {"top1": 44.5, "random_init_top1": 29.1, "protocol": "linear probe, last epoch", "split": "test",
+                   "epochs": 100},
+        "finetune": {"10": {"top1": 55.55, "protocol": "fine-tune", "epochs": 30, "labelled_images": 5000},
+                     "1": {"top1": 30.1, "protocol": "fine-tune", "epochs": 30, "labelled_images": 500}},
+        "supervised": {"1": {"top1": 25.0, "protocol": "from scratch", "epochs": 30}},
+    }
+    (run / "eval.json").write_text(json.dumps(evaluation))
+    (run / "figures").mkdir()
+    for figure in ("tsne", "training_curves"):
+        plt.imsave(run / "figures" / f"{figure}.png", np.zeros((4, 4, 3)))
+    return run
+
+
+def table_row(markdown: str, label: str) -> list[str]:
+    """The cells after the label of the table row that starts with `label`."""
+    for line in markdown.splitlines():
+        if not line.startswith("|"):
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if cells[0] == label:
+            return cells[1:]
+    raise AssertionError(f"no row {label!r} in the report")
+
+
+def image_links(markdown: str) -> list[str]:
+    return [link.strip("<>") for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)]
+
+
+@pytest.fixture
+def runs(tmp_path):
+    return make_run(tmp_path / "runs", "full", with_eval=True), make_run(tmp_path / "runs", "bare", with_eval=False)
+
+
+def test_write_report_two_runs_side_by_side(runs):
+    full, bare = runs
+    path = write_report([full, bare])
+    assert path == full / "report.md" and path.is_file()
+    text = path.read_text()
+    assert table_row(text, "")[:2] == ["full", "bare"]
+    assert table_row(text, "preset") == ["quick", "cifar10-r18"]
+    assert table_row(text, "backbone") == ["resnet18 (width 8)", "resnet18 (width 8)"]
+    assert table_row(text, "optimiser") == ["lars, lr 1 × batch/256 = 1", "lars"]
+    assert table_row(text, "pretraining images") == ["10,000", "10,000"]
+    assert table_row(text, "hardware (pretraining)") == ["CPU (2 cores)", "NVIDIA H200"]
+    assert table_row(text, "wall time: evaluation (eval.json)") == ["123 s (2.1 min)", "—"]
+    assert table_row(text, "wall time: pretraining") == ["267 s (4.5 min)", "267 s (4.5 min)"]
+    # eval.json's numbers win over summary.json's; the bare run falls back to its summary.
+    assert table_row(text, "kNN") == ["42.90 %", "76.52 %"]
+    assert table_row(text, "linear probe") == ["44.50 %", "80.66 %"]
+    assert table_row(text, "linear probe, same network at random init") == ["29.10 %", "29.13 %"]
+    # Fractions: the union over runs and kinds, in numeric order, '—' where not measured.
+    assert table_row(text, "fine-tuned, 1 % of labels") == ["30.10 %", "—"]
+    assert table_row(text, "fine-tuned, 10 % of labels") == ["55.55 %", "—"]
+    assert table_row(text, "supervised from scratch, 1 % of labels") == ["25.00 %", "—"]
+    assert table_row(text, "supervised from scratch, 10 % of labels") == ["—", "—"]
+    assert text.index("fine-tuned, 1 %") < text.index("fine-tuned, 10 %")
+    assert "full test set, last epoch, nothing selected on the test set" in text
+    assert "  - fine-tuning (1 %, 10 %): fine-tune, 30 epochs" in text  # equal protocols merged
+    links = image_links(text)
+    assert links == ["figures/training_curves.png", "figures/tsne.png"]
+    assert all((path.parent / link).is_file() for link in links)
+    assert "No figures saved." in text  # the bare run's section
+
+
+def test_write_report_elsewhere_has_working_relative_links(runs, tmp_path):
+    full, bare = runs
+    path = write_report([bare, full], out=tmp_path / "reports" / "compare.md")
+    assert path == tmp_path / "reports" / "compare.md"
+    links = image_links(path.read_text())
+    assert len(links) == 2
+    for link in links:
+        assert not Path(link).is_absolute() and link.startswith("../runs/full/figures/")
+        assert (path.parent / link).is_file()
+    # A folder as `out` gets report.md inside it.
+    (tmp_path / "folder").mkdir()
+    assert write_report([full], out=tmp_path / "folder") == tmp_path / "folder" / "report.md"
+
+
+def test_report_command_line_and_bad_input(runs, tmp_path, capsys):
+    full, bare = runs
+    (bare / "config.json").write_text("{ not json")  # a damaged file is shown as missing, not a crash
+    out = tmp_path / "cli.md"
+    assert cli_main(["report", str(full), str(bare), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {out}"
+    assert all((out.parent / link).is_file() for link in image_links(out.read_text()))
+    with pytest.raises(UserError):
+        write_report([tmp_path / "no-such-run"])
+    with pytest.raises(UserError):
+        write_report([])

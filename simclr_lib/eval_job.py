@@ -40,7 +40,8 @@ def evaluate_model(model: SimCLR, splits: DatasetSplits, config: dict[str, Any],
                    progress: bool = True) -> dict[str, Any]:
     """kNN and linear-probe top-1 (percent) on the full test set, with the full training set as bank/probe data.
 
-    Returns knn_top1, linear_top1, linear_train_top1 and `linear`, the probe's whole result (per class, confusion).
+    Returns knn_top1, linear_top1, linear_train_top1, `linear` (the probe's whole result: per class, confusion)
+    and `train_features`, kept so the retrieval figure can reuse them.
     """
     train_f = extract_features(model, splits.train.images, config["eval_batch_size"], device)
     test_f = extract_features(model, splits.test.images, config["eval_batch_size"], device)
@@ -49,7 +50,8 @@ def evaluate_model(model: SimCLR, splits: DatasetSplits, config: dict[str, Any],
     probe = linear_probe(train_f, splits.train.labels, test_f, splits.test.labels, splits.num_classes,
                          epochs=config["probe_epochs"], lr=config["probe_lr"], seed=config["seed"],
                          progress=progress)
-    return {"knn_top1": knn, "linear_top1": probe["top1"], "linear_train_top1": probe["train_top1"], "linear": probe}
+    return {"knn_top1": knn, "linear_top1": probe["top1"], "linear_train_top1": probe["train_top1"], "linear": probe,
+            "train_features": train_f}
 
 
 
@@ -170,8 +172,12 @@ def evaluate_job(source: str | Path, fractions: list[float], supervised: bool = 
 
 
 def representation_figures(model: SimCLR, baseline: SimCLR, splits: DatasetSplits, config: dict[str, Any],
-                           device: torch.device, figures: Path, queries: int = 8, neighbours: int = 8) -> list[Path]:
-    """figures/tsne.png (random init beside trained, test images) and figures/retrieval.png (nearest train images)."""
+                           device: torch.device, figures: Path, queries: int = 8, neighbours: int = 8,
+                           train_features: torch.Tensor | None = None) -> list[Path]:
+    """figures/tsne.png (random init beside trained, test images) and figures/retrieval.png (nearest train images).
+
+    `train_features`, the trained model's features of the full train set when already computed, saves a pass.
+    """
     from . import viz
 
     subset = splits.test.subset(balanced_indices(splits.test.labels, min(config["tsne_points"], len(splits.test)),
@@ -182,7 +188,9 @@ def representation_figures(model: SimCLR, baseline: SimCLR, splits: DatasetSplit
     tsne = viz.save_figure(viz.plot_tsne(embeddings, subset.labels, splits.test.classes,
                                          title=f"t-SNE of {len(subset)} test images' representations h"),
                            figures / "tsne.png")
-    bank = F.normalize(extract_features(model, splits.train.images, bs, device), dim=1)
+    if train_features is None:
+        train_features = extract_features(model, splits.train.images, bs, device)
+    bank = F.normalize(train_features, dim=1)
     generator = torch.Generator().manual_seed(config["seed"])
     q_idx = torch.randperm(len(splits.test), generator=generator)[:queries]
     q = F.normalize(extract_features(model, splits.test.images[q_idx], bs, device), dim=1)

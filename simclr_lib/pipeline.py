@@ -82,7 +82,8 @@ def run(config: dict[str, Any], out: str | Path | None = None, resume: bool = Fa
     viz.save_figure(viz.plot_confusion_matrix(trained["linear"]["confusion"], splits.test.classes),
                     figures / "confusion_matrix.png")
     print(f"drawing t-SNE ({config['tsne_points']} test images) and nearest-neighbour retrieval ...")
-    representation_figures(model, baseline, splits, config, device, figures)
+    representation_figures(model, baseline, splits, config, device, figures,
+                           train_features=trained.pop("train_features"))
 
     summary = {
         "preset": config["preset"], "dataset": config["dataset"], "backbone": config["backbone"],

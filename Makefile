@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The offline CIFAR-10 archive of this project's build machines; copied into data/ when data/ has no CIFAR-10.
 STAGED_CIFAR ?= ../shared/data/cifar10-jpeg.tar.gz
 
-.PHONY: run test lint data clean-venv
+.PHONY: run test lint data figures notebooks clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,7 +25,15 @@ test: $(VENV)/.installed
 	$(PY) -m pytest -q $(ARGS)
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check simclr_lib tests run.py
+	$(VENV)/bin/ruff check simclr_lib tests scripts run.py
+
+# Execute every notebook (SMOKE = True; `make notebooks ARGS=--full` for the full-size path) and check it.
+notebooks: $(VENV)/.installed data
+	$(PY) scripts/run_notebooks.py $(ARGS)
+
+# Regenerate docs/figures/ (the README's figures) from the package; RUN=runs/NAME picks the run for the t-SNE.
+figures: $(VENV)/.installed data
+	$(PY) scripts/make_figures.py $(RUN)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -156,3 +156,19 @@ def build_model(config: dict, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> SimCLR:
             mean=mean,
             std=std,
         )
+
+
+@torch.no_grad()
+def stage_shapes(encoder: nn.Module, image_size: int = 32) -> dict[str, tuple[int, ...]]:
+    """The output shape (C, H, W) of each stage of a ResNet encoder for one image_size x image_size input."""
+    was_training = encoder.training
+    encoder.eval()
+    x = torch.zeros(1, 3, image_size, image_size)
+    shapes = {"input": tuple(x.shape[1:])}
+    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
+        x = getattr(encoder, name)(x)
+        if name in ("conv1", "maxpool") or name.startswith("layer"):
+            shapes[name] = tuple(x.shape[1:])
+    shapes["avgpool"] = tuple(encoder.avgpool(x).flatten(1).shape[1:])
+    encoder.train(was_training)
+    return shapes

@@ -245,3 +245,95 @@ def plot_accuracy_bars(results: dict[str, dict[str, float]], title: str,
     ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     return fig
+
+
+def _denormalize(views: torch.Tensor, mean, std) -> torch.Tensor:
+    """Normalised views back to [0, 1] images for display."""
+    return (views * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+
+
+def plot_single_augmentations(images: torch.Tensor, n_samples: int = 5, seed: int = 0, image_size: int = 32,
+                              mean=None, std=None) -> Figure:
+    """One row per augmentation applied alone (crop-and-resize, flip, colour jitter, grayscale, blur) to one image.
+
+    Each row shows the original and `n_samples` random draws of that single operation, so a reader sees what each
+    ingredient of the SimCLR view pipeline does before they are combined.
+    """
+    from .augment import CIFAR10_MEAN, CIFAR10_STD, SimCLRAugment, to_unit_float
+
+    mean, std = mean or CIFAR10_MEAN, std or CIFAR10_STD
+    off = dict(crop_scale=(1.0, 1.0), flip_prob=0.0, color_prob=0.0, gray_prob=0.0, blur_prob=0.0)
+    ops = {
+        "crop + resize": dict(off, crop_scale=(0.08, 1.0)),
+        "horizontal flip": dict(off, flip_prob=1.0),
+        "colour jitter": dict(off, color_prob=1.0),
+        "grayscale": dict(off, gray_prob=1.0),
+        "Gaussian blur": dict(off, blur_prob=1.0),
+    }
+    image = images[:1].cpu()
+    original = torch.nn.functional.interpolate(to_unit_float(image), size=image_size)
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for settings in ops.values():
+        augment = SimCLRAugment(image_size=image_size, mean=mean, std=std, **settings)
+        views = torch.cat([augment(image, generator) for _ in range(n_samples)])
+        rows.append(torch.cat([original, _denormalize(views, mean, std)]))
+    return show_images(torch.cat(rows), nrow=n_samples + 1, row_labels=list(ops),
+                       title="each augmentation alone: the original, then random draws")
+
+
+def plot_similarity_matrix(z1: torch.Tensor, z2: torch.Tensor, title: str = "cosine similarity of 2N embeddings"
+                           ) -> Figure:
+    """Heatmap of the (2N, 2N) cosine similarities NT-Xent works on, with the positive pairs outlined."""
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]).detach().float().cpu(), dim=1)
+    sim = (z @ z.T).numpy()
+    n = len(z1)
+    fig, ax = plt.subplots(figsize=(5.2, 4.5))
+    im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
+    for i in range(2 * n):  # the positive of row i sits N columns away
+        j = (i + n) % (2 * n)
+        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="gold", lw=2))
+    labels = [f"{i}a" for i in range(n)] + [f"{i}b" for i in range(n)]
+    ax.set_xticks(range(2 * n), labels, fontsize=7, rotation=90)
+    ax.set_yticks(range(2 * n), labels, fontsize=7)
+    ax.set(title=title, xlabel="candidate (image, view)", ylabel="anchor (image, view)")
+    fig.colorbar(im, ax=ax, label="cosine similarity (gold: positive pair)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_temperature_effect(similarities: torch.Tensor, positive: int = 0,
+                            temperatures: tuple[float, ...] = (0.05, 0.1, 0.5, 1.0)) -> Figure:
+    """How the temperature T shapes one anchor's softmax over its candidates exp(s/T) / sum exp(s/T).
+
+    Small T sharpens the distribution onto the most similar candidates (hard negatives weigh more); large T
+    flattens it. `similarities` are one anchor's cosine similarities to its 2N-1 candidates, positive at `positive`.
+    """
+    sims = similarities.detach().float().cpu()
+    order = sims.argsort(descending=True)
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for t in temperatures:
+        probs = torch.softmax(sims / t, dim=0)[order]
+        ax.plot(range(len(sims)), probs.numpy(), marker="o", ms=3, label=f"T = {t:g}")
+    rank = int((order == positive).nonzero()[0, 0])
+    ax.axvline(rank, color="gold", lw=2, ls="--", label="the positive")
+    ax.set(title="softmax over candidates at different temperatures", xlabel="candidates, most similar first",
+           ylabel="probability")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def plot_stage_sizes(shapes: dict[str, dict[str, tuple[int, ...]]]) -> Figure:
+    """Spatial size of the feature map after each ResNet stage, one line per stem (e.g. CIFAR vs ImageNet)."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    for name, stages in shapes.items():
+        ax.plot(list(stages), [s[-1] for s in stages.values()], marker="o", label=name)
+    ax.set(title="feature-map side length through the encoder (32x32 input)", xlabel="stage",
+           ylabel="height = width (pixels)")
+    ax.set_yscale("log", base=2)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig

@@ -73,14 +73,14 @@ def show_images(images: torch.Tensor, mean=None, std=None, nrow: int = 8, title:
 
 def plot_augmentation_grid(images: torch.Tensor, augment, n_views: int = 6, seed: int = 0) -> Figure:
     """Each row: an original image, then `n_views` independent SimCLR views of it."""
+    from .augment import to_unit_float
+
     generator = torch.Generator().manual_seed(seed)
     originals = images.cpu()
     views = [augment(originals, generator) for _ in range(n_views)]
-    mean = torch.tensor(augment.mean).view(1, 3, 1, 1)
-    std = torch.tensor(augment.std).view(1, 3, 1, 1)
-    originals = torch.nn.functional.interpolate(originals.float() / 255 if originals.dtype == torch.uint8
-                                                else originals.float(), size=views[0].shape[-1])
-    grid = torch.stack([originals] + [(v * std + mean).clamp(0, 1) for v in views], dim=1).flatten(0, 1)
+    mean, std = augment.mean.cpu().flatten().tolist(), augment.std.cpu().flatten().tolist()
+    originals = torch.nn.functional.interpolate(to_unit_float(originals), size=views[0].shape[-1])
+    grid = torch.stack([originals] + [_denormalize(v, mean, std) for v in views], dim=1).flatten(0, 1)
     return show_images(grid, nrow=n_views + 1, title="original, then independent augmented views")
 
 

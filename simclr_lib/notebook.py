@@ -35,7 +35,7 @@ def use_device(name: str = "auto") -> torch.device:
     return device
 
 
-SMOKE_OVERRIDES: dict[str, Any] = dict(train_subset=512, epochs=1, batch_size=128, width=4, warmup_epochs=0.1,
+SMOKE_OVERRIDES: dict[str, Any] = dict(train_subset=512, epochs=1, batch_size=128, width=4, warmup_epochs=0.25,
                                        probe_epochs=2, knn_every=1, knn_monitor_size=500, tsne_points=300,
                                        finetune_epochs=1, log_every=1)
 

@@ -71,7 +71,8 @@ def show_images(images: torch.Tensor, mean=None, std=None, nrow: int = 8, title:
     return fig
 
 
-def plot_augmentation_grid(images: torch.Tensor, augment, n_views: int = 6, seed: int = 0) -> Figure:
+def plot_augmentation_grid(images: torch.Tensor, augment, n_views: int = 6, seed: int = 0,
+                           title: str = "original, then independent augmented views") -> Figure:
     """Each row: an original image, then `n_views` independent SimCLR views of it."""
     from .augment import to_unit_float
 
@@ -81,7 +82,7 @@ def plot_augmentation_grid(images: torch.Tensor, augment, n_views: int = 6, seed
     mean, std = augment.mean.cpu().flatten().tolist(), augment.std.cpu().flatten().tolist()
     originals = torch.nn.functional.interpolate(to_unit_float(originals), size=views[0].shape[-1])
     grid = torch.stack([originals] + [_denormalize(v, mean, std) for v in views], dim=1).flatten(0, 1)
-    return show_images(grid, nrow=n_views + 1, title="original, then independent augmented views")
+    return show_images(grid, nrow=n_views + 1, title=title)
 
 
 def _to_numpy(values: Any) -> np.ndarray:

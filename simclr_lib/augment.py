@@ -70,6 +70,21 @@ def _gray(images: Tensor) -> Tensor:
     return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
 
 
+def _color_transform(images: Tensor, matrix: Tensor, bias: Tensor) -> Tensor:
+    """out[b] = matrix[b] @ pixel + bias[b] for every pixel of every image: one batched matmul.
+
+    `matrix` is (B, 3, 3) and `bias` (B, 3, 1). On a CPU a batched 3x3 matmul over the pixels is several times
+    faster than the equivalent chain of broadcast elementwise ops, and on a GPU it is one kernel.
+    """
+    batch = images.shape[0]
+    return torch.baddbmm(bias, matrix, images.reshape(batch, 3, -1)).view_as(images)
+
+
+def _gray_matrix(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """The 3x3 matrix that replaces each channel by the luma: every row is the gray weights."""
+    return torch.tensor(GRAY_WEIGHTS, device=device, dtype=dtype).expand(3, 3)
+
+
 def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     """Rotate the HSV hue of (B, 3, H, W) images in [0, 1] by a per-image `shift` (B,), as torchvision does.
 
@@ -89,36 +104,38 @@ def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
         (g - b).div_(divisor),
         torch.where(maxc == g, (b - r).div_(divisor).add_(2.0), (r - g).div_(divisor).add_(4.0)),
     )
-    # Shifting by `shift` turns adds 6 * shift sixths; the mod 6 below does the wrap-around.
-    hue6 = hue6.add_(6.0 * shift.view(-1, 1, 1)).unsqueeze(1)
-    # Channel n of HSV -> RGB: V - C * clamp(min(k, 4 - k), 0, 1) with k = (n + 6 H) mod 6, n = 5, 3, 1.
-    n = torch.arange(5, 0, -2, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    k = (hue6 + n).remainder_(6.0)
-    ramp = torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0)
-    return torch.addcmul(maxc.unsqueeze(1), chroma.unsqueeze(1), ramp, value=-1.0)
+    # Shifting by `shift` turns adds 6 * shift sixths; one mod 6 on the single hue channel wraps it to [0, 6).
+    hue6 = hue6.add_(6.0 * shift.view(-1, 1, 1)).remainder_(6.0).unsqueeze(1)
+    # HSV -> RGB for hue h in [0, 6): each channel is min + chroma * clamp(a * |h - c| + b, 0, 1), a piecewise
+    # linear ramp with (c, a, b) = (3, 1, -1) for red, (2, -1, 2) for green and (4, -1, 2) for blue.
+    centre, slope, offset = (torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+                             for v in ((3.0, 2.0, 4.0), (1.0, -1.0, -1.0), (-1.0, 2.0, 2.0)))
+    ramp = torch.addcmul(offset, slope, (hue6 - centre).abs_()).clamp_(0.0, 1.0)
+    return torch.addcmul(minc.unsqueeze(1), chroma.unsqueeze(1), ramp)
 
 
-def _blend_stage(images: Tensor, op: Tensor, params: ViewParams) -> Tensor:
+def _jitter_stage(images: Tensor, op: Tensor, params: ViewParams) -> Tensor:
     """Apply brightness, contrast or saturation per image as chosen by `op` (B,); any other value is a no-op.
 
-    All three are torchvision's blend `clamp(f * x + (1 - f) * ref)` with ref = 0, the mean grey level
-    or the grey image, so one blend serves every image. A factor of 1 leaves the image exactly unchanged.
+    All three are torchvision's blend `clamp(f * x + (1 - f) * ref)` with ref = 0, the mean grey level or the
+    grey image, i.e. an affine colour map per image: f I (+ (1 - f) * mean grey) for brightness and contrast,
+    f I + (1 - f) 1 w^T for saturation (w the luma weights). A no-op is the identity map, which is exact.
     """
-    op = op.view(-1, 1, 1, 1)
+    batch = images.shape[0]
     factor = torch.where(
         op == BRIGHTNESS,
-        params.brightness.view(-1, 1, 1, 1),
-        torch.where(
-            op == CONTRAST,
-            params.contrast.view(-1, 1, 1, 1),
-            torch.where(op == SATURATION, params.saturation.view(-1, 1, 1, 1), 1.0),
-        ),
-    )
-    gray = _gray(images)
-    mean_gray = gray.mean(dim=(1, 2, 3), keepdim=True)
-    ref = torch.where(op == SATURATION, gray, torch.where(op == CONTRAST, mean_gray, 0.0))
-    # (1 - f) * ref + f * x in one pass over the full-size tensor; f = 1 gives exactly x.
-    return torch.addcmul((1.0 - factor) * ref, factor, images).clamp_(0.0, 1.0)
+        params.brightness,
+        torch.where(op == CONTRAST, params.contrast, torch.where(op == SATURATION, params.saturation, 1.0)),
+    ).to(images.dtype)
+    rest = 1.0 - factor
+    eye = torch.eye(3, device=images.device, dtype=images.dtype)
+    gray = _gray_matrix(images.device, images.dtype)
+    saturation = (op == SATURATION).to(images.dtype)
+    matrix = factor.view(-1, 1, 1) * eye + (rest * saturation).view(-1, 1, 1) * gray
+    # Contrast blends towards the image's mean luma; the mean of the luma is the luma of the channel means.
+    mean_gray = images.mean(dim=(2, 3)) @ gray[0]
+    bias = (rest * (op == CONTRAST).to(images.dtype) * mean_gray).view(batch, 1, 1).expand(batch, 3, 1)
+    return _color_transform(images, matrix, bias).clamp_(0.0, 1.0)
 
 
 def _color_jitter(images: Tensor, params: ViewParams, with_hue: bool) -> Tensor:
@@ -140,12 +157,34 @@ def _color_jitter(images: Tensor, params: ViewParams, with_hue: bool) -> Tensor:
 
     out = images
     for stage in range(3):
-        out = _blend_stage(out, before_hue[:, stage], params)
+        out = _jitter_stage(out, before_hue[:, stage], params)
     if with_hue:
-        out = torch.where(params.jitter.view(-1, 1, 1, 1), _shift_hue(out, params.hue), out)
+        # A zero shift (no jitter) is a round trip through HSV: the identity up to float rounding (~1e-7),
+        # far cheaper than selecting between two full-size tensors.
+        out = _shift_hue(out, params.hue.to(out.dtype) * params.jitter.to(out.dtype))
     for stage in range(3):
-        out = _blend_stage(out, after_hue[:, stage], params)
+        out = _jitter_stage(out, after_hue[:, stage], params)
     return out
+
+
+def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
+    """Per-image resampling matrices (B, out_size, in_size) for resizing the window [start, start + length).
+
+    Row o holds the weights of output pixel o: a triangle (bilinear) filter centred on the output pixel's
+    position in the input, widened by the scale factor when downscaling (antialiasing) and normalised over
+    the pixels inside the window - the same weights as torchvision's `resize(antialias=True)` of the crop.
+    """
+    dtype = start.dtype if start.is_floating_point() else torch.float32
+    start, length = start.to(dtype), length.to(dtype)
+    scale = length / out_size
+    support = scale.clamp(min=1.0)
+    centre = start.view(-1, 1, 1) + (torch.arange(out_size, device=start.device, dtype=dtype).view(1, -1, 1)
+                                      + 0.5) * scale.view(-1, 1, 1)
+    pixel = torch.arange(in_size, device=start.device, dtype=dtype).view(1, 1, -1) + 0.5
+    weights = (1.0 - ((pixel - centre) / support.view(-1, 1, 1)).abs()).clamp_(min=0.0)
+    inside = (pixel > start.view(-1, 1, 1)) & (pixel < (start + length).view(-1, 1, 1))
+    weights = weights * inside
+    return weights / weights.sum(dim=2, keepdim=True)
 
 
 def _gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
@@ -179,8 +218,8 @@ class SimCLRAugment(torch.nn.Module):
 
     Pipeline (paper, Appendix A): random resized crop + horizontal flip, colour jitter of strength s in a
     random order with probability `color_prob`, random grayscale, optional Gaussian blur, normalisation.
-    The crop is resampled with bilinear interpolation; it matches torchvision's `resized_crop` (with
-    antialias) whenever the crop is not larger than the output, but downscaling is not antialiased.
+    The crop is resampled as torchvision's `resized_crop(antialias=True)` does (bilinear, antialiased when
+    downscaling); colour ops are batched 3x3 colour matrices, so the step costs a handful of batched matmuls.
     """
 
     def __init__(
@@ -301,29 +340,21 @@ class SimCLRAugment(torch.nn.Module):
         return (height - h) // 2, (width - w) // 2, h, w
 
     def crop_flip_resize(self, images: Tensor, params: ViewParams) -> Tensor:
-        """Crop, flip and resize every float image to image_size x image_size with one `grid_sample`.
+        """Crop, flip and resize every float image to image_size x image_size as two batched matmuls.
 
-        With align_corners=False an output normalised coordinate u in (-1, 1) is the pixel centre
-        x_out + 0.5 = (u + 1) S / 2, and the source pixel centre is x_src + 0.5 = left + (x_out + 0.5) w / S.
-        In the input's normalised coordinates g = 2 (x_src + 0.5) / W - 1 that is the affine map
-        g = u w / W + (2 left + w) / W - 1; a flip is u -> -u. Sampling points are clamped to the centres
-        of the crop's border pixels so that, like resizing the cropped image, nothing outside the crop
-        leaks in. No antialiasing: crops larger than the output are downscaled with plain bilinear.
+        Resizing is separable: view = Wy @ image @ Wx^T per channel, with per-image resampling matrices from
+        `resize_weights` (bilinear, antialiased when the crop is larger than the output, nothing outside the
+        crop used). A horizontal flip is Wx with its rows reversed. This is what torchvision's
+        `resized_crop(antialias=True)` + `hflip` compute, and bmm is fast on both CPU and GPU.
         """
-        batch, _, height, width = images.shape
+        batch, channels, height, width = images.shape
+        size = self.image_size
         top, left, h, w = params.crop.to(images.dtype).unbind(dim=1)
-        sign = 1.0 - 2.0 * params.flip.to(images.dtype)
-        theta = torch.zeros(batch, 2, 3, device=images.device, dtype=images.dtype)
-        theta[:, 0, 0] = sign * w / width
-        theta[:, 0, 2] = (2 * left + w) / width - 1
-        theta[:, 1, 1] = h / height
-        theta[:, 1, 2] = (2 * top + h) / height - 1
-        size = (batch, images.shape[1], self.image_size, self.image_size)
-        grid = F.affine_grid(theta, list(size), align_corners=False)
-        low = torch.stack([(2 * left + 1) / width - 1, (2 * top + 1) / height - 1], dim=1)
-        high = torch.stack([(2 * (left + w) - 1) / width - 1, (2 * (top + h) - 1) / height - 1], dim=1)
-        grid = torch.minimum(torch.maximum(grid, low.view(-1, 1, 1, 2)), high.view(-1, 1, 1, 2))
-        return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        rows = resize_weights(top, h, height, size)  # (B, S, H)
+        cols = resize_weights(left, w, width, size)  # (B, S, W)
+        cols = torch.where(params.flip.view(-1, 1, 1), cols.flip(1), cols)
+        x = torch.bmm(images.reshape(batch, channels * height, width), cols.transpose(1, 2))  # (B, C*H, S)
+        return torch.matmul(rows.unsqueeze(1), x.view(batch, channels, height, size))  # (B, C, S, S)
 
     def apply(self, images: Tensor, params: ViewParams) -> Tensor:
         """Apply `params` to uint8 or [0, 1] float images (B, 3, H, W); returns normalised float32 views."""
@@ -333,14 +364,18 @@ class SimCLRAugment(torch.nn.Module):
         ranges = self.factor_ranges()
         if self.color_prob > 0 and self.color_strength > 0:
             x = _color_jitter(x, params, with_hue=ranges["hue"][1] > 0)
-        if self.gray_prob > 0:
-            x = torch.where(params.gray.view(-1, 1, 1, 1), _gray(x).expand_as(x), x)
+        # Grayscale and the normalisation are both affine colour maps: one batched matmul does both.
+        eye = torch.eye(3, device=x.device, dtype=x.dtype)
+        scale = (1.0 / self.std.to(device=x.device, dtype=x.dtype)).view(1, 3, 1)
+        matrix = torch.where(params.gray.view(-1, 1, 1), _gray_matrix(x.device, x.dtype), eye)
+        bias = (-self.mean.to(device=x.device, dtype=x.dtype).view(1, 3, 1) * scale).expand(x.shape[0], 3, 1)
         if self.blur_prob > 0:
+            # Blurring after normalising is the same (a normalised kernel commutes with an affine map per
+            # channel), so the blur runs last and only where chosen.
+            x = _color_transform(x, scale * matrix, bias)
             blurred = _gaussian_blur(x, params.sigma.to(x.dtype), self.blur_kernel_size)
-            x = torch.where(params.blur.view(-1, 1, 1, 1), blurred, x)
-        mean = self.mean.to(device=x.device)
-        std = self.std.to(device=x.device)
-        return ((x - mean) / std).contiguous()
+            return torch.where(params.blur.view(-1, 1, 1, 1), blurred, x).contiguous()
+        return _color_transform(x, scale * matrix, bias)
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One random view per image of a batch (B, 3, H, W): `sample_params` then `apply`."""

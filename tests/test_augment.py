@@ -19,12 +19,14 @@ from simclr_lib.augment import (
     ViewParams,
     pil_pipeline,
     reference_view,
+    resize_weights,
     to_unit_float,
 )
 
 # Largest allowed |batched - reference| in [0, 1] pixel units (before normalisation). Both paths compute
-# the same maths in float32 but with different formulas (affine grid vs resize weights, closed-form
-# HSV -> RGB vs torchvision's sector table, separable vs 2-D blur kernel), which measures at about 2e-6.
+# the same maths in float32 but with different formulas (resampling matrices vs torchvision's resize kernels,
+# 3x3 colour matrices vs blends, closed-form HSV -> RGB vs torchvision's sector table, separable vs 2-D blur
+# kernel), which measures at about 2e-6.
 # 2e-5 leaves 10x headroom yet is 1/200 of a uint8 grey level: a wrong pixel, a half-pixel shift or a
 # wrong factor is orders of magnitude larger.
 TOL = 2e-5
@@ -114,6 +116,25 @@ def test_batched_matches_reference_upsampling_other_input_sizes(height: int, wid
     augment = SimCLRAugment(color_prob=1.0)
     images = noise_images(64, height, width)
     assert_matches_reference(augment, images, sample(augment, images))
+
+
+@pytest.mark.parametrize("height,width,size", [(64, 64, 32), (96, 80, 32), (48, 48, 20)])
+def test_batched_matches_reference_downsampling(height: int, width: int, size: int) -> None:
+    # Large crops of a large input are downscaled: the resampling matrices must antialias as torchvision does.
+    augment = SimCLRAugment(image_size=size, crop_scale=(0.5, 1.0), color_prob=1.0)
+    images = smooth_images(32, size=max(height, width))[:, :, :height, :width].contiguous()
+    params = sample(augment, images)
+    assert (params.crop[:, 2:] > size).any(), "no crop is downscaled: the test would not test antialiasing"
+    assert_matches_reference(augment, images, params)
+
+
+def test_resize_weights_rows_sum_to_one_inside_the_window() -> None:
+    start, length = torch.tensor([0.0, 5.0, 10.0]), torch.tensor([32.0, 7.0, 20.0])
+    weights = resize_weights(start, length, 32, 16)
+    assert torch.allclose(weights.sum(dim=2), torch.ones(3, 16))
+    pixel = torch.arange(32).view(1, 1, -1)
+    outside = (pixel < start.view(-1, 1, 1)) | (pixel >= (start + length).view(-1, 1, 1))
+    assert (weights[outside.expand_as(weights)] == 0).all()
 
 
 def only(params: ViewParams, height: int, width: int, **fields: torch.Tensor | float | bool) -> ViewParams:

@@ -114,27 +114,36 @@ def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     return torch.addcmul(minc.unsqueeze(1), chroma.unsqueeze(1), ramp)
 
 
-def _jitter_stage(images: Tensor, op: Tensor, params: ViewParams) -> Tensor:
-    """Apply brightness, contrast or saturation per image as chosen by `op` (B,); any other value is a no-op.
+def _jitter_maps(ops: Tensor, params: ViewParams, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The colour maps of brightness, contrast or saturation as chosen by `ops` (B, K); any other value is a no-op.
 
     All three are torchvision's blend `clamp(f * x + (1 - f) * ref)` with ref = 0, the mean grey level or the
-    grey image, i.e. an affine colour map per image: f I (+ (1 - f) * mean grey) for brightness and contrast,
-    f I + (1 - f) 1 w^T for saturation (w the luma weights). A no-op is the identity map, which is exact.
+    grey image, i.e. an affine colour map per image: f I for brightness, f I + (1 - f) * mean grey for contrast,
+    f I + (1 - f) 1 w^T for saturation (w the luma weights). A no-op is exactly the identity (f = 1).
+    Returns the matrices (B, K, 3, 3) and the weight of the mean grey level in the bias (B, K).
     """
-    batch = images.shape[0]
+    def per_image(value: Tensor) -> Tensor:
+        return value.to(dtype).view(-1, 1)
+
     factor = torch.where(
-        op == BRIGHTNESS,
-        params.brightness,
-        torch.where(op == CONTRAST, params.contrast, torch.where(op == SATURATION, params.saturation, 1.0)),
-    ).to(images.dtype)
+        ops == BRIGHTNESS,
+        per_image(params.brightness),
+        torch.where(ops == CONTRAST, per_image(params.contrast),
+                    torch.where(ops == SATURATION, per_image(params.saturation), 1.0)),
+    )
     rest = 1.0 - factor
-    eye = torch.eye(3, device=images.device, dtype=images.dtype)
-    gray = _gray_matrix(images.device, images.dtype)
-    saturation = (op == SATURATION).to(images.dtype)
-    matrix = factor.view(-1, 1, 1) * eye + (rest * saturation).view(-1, 1, 1) * gray
-    # Contrast blends towards the image's mean luma; the mean of the luma is the luma of the channel means.
-    mean_gray = images.mean(dim=(2, 3)) @ gray[0]
-    bias = (rest * (op == CONTRAST).to(images.dtype) * mean_gray).view(batch, 1, 1).expand(batch, 3, 1)
+    eye = torch.eye(3, device=ops.device, dtype=dtype)
+    gray = _gray_matrix(ops.device, dtype)
+    matrix = factor[..., None, None] * eye + (rest * (ops == SATURATION))[..., None, None] * gray
+    return matrix, rest * (ops == CONTRAST)
+
+
+def _apply_jitter_map(images: Tensor, matrix: Tensor, mean_weight: Tensor) -> Tensor:
+    """One stage of `_jitter_maps` on (B, 3, H, W) images: the affine colour map, then the clamp to [0, 1]."""
+    batch = images.shape[0]
+    # The mean of the luma (contrast's reference) is the luma of the channel means.
+    mean_gray = images.mean(dim=(2, 3)) @ _gray_matrix(images.device, images.dtype)[0]
+    bias = (mean_weight * mean_gray).view(batch, 1, 1).expand(batch, 3, 1)
     return _color_transform(images, matrix, bias).clamp_(0.0, 1.0)
 
 
@@ -154,16 +163,17 @@ def _color_jitter(images: Tensor, params: ViewParams, with_hue: bool) -> Tensor:
     jitter = params.jitter.view(-1, 1)
     before_hue = torch.where(jitter & (rank < hue_rank), cheap_ops, no_op)
     after_hue = torch.where(jitter & (rank >= hue_rank), cheap_ops, no_op)
+    matrices, mean_weights = _jitter_maps(torch.cat([before_hue, after_hue], dim=1), params, images.dtype)
 
     out = images
     for stage in range(3):
-        out = _jitter_stage(out, before_hue[:, stage], params)
+        out = _apply_jitter_map(out, matrices[:, stage], mean_weights[:, stage])
     if with_hue:
         # A zero shift (no jitter) is a round trip through HSV: the identity up to float rounding (~1e-7),
         # far cheaper than selecting between two full-size tensors.
         out = _shift_hue(out, params.hue.to(out.dtype) * params.jitter.to(out.dtype))
-    for stage in range(3):
-        out = _jitter_stage(out, after_hue[:, stage], params)
+    for stage in range(3, 6):
+        out = _apply_jitter_map(out, matrices[:, stage], mean_weights[:, stage])
     return out
 
 
@@ -340,7 +350,7 @@ class SimCLRAugment(torch.nn.Module):
         return (height - h) // 2, (width - w) // 2, h, w
 
     def crop_flip_resize(self, images: Tensor, params: ViewParams) -> Tensor:
-        """Crop, flip and resize every float image to image_size x image_size as two batched matmuls.
+        """Crop, flip and resize uint8 or [0, 1] float images to float image_size x image_size, two batched matmuls.
 
         Resizing is separable: view = Wy @ image @ Wx^T per channel, with per-image resampling matrices from
         `resize_weights` (bilinear, antialiased when the crop is larger than the output, nothing outside the
@@ -349,6 +359,7 @@ class SimCLRAugment(torch.nn.Module):
         """
         batch, channels, height, width = images.shape
         size = self.image_size
+        images = to_unit_float(images)
         top, left, h, w = params.crop.to(images.dtype).unbind(dim=1)
         rows = resize_weights(top, h, height, size)  # (B, S, H)
         cols = resize_weights(left, w, width, size)  # (B, S, W)
@@ -360,7 +371,7 @@ class SimCLRAugment(torch.nn.Module):
         """Apply `params` to uint8 or [0, 1] float images (B, 3, H, W); returns normalised float32 views."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        x = self.crop_flip_resize(to_unit_float(images), params)
+        x = self.crop_flip_resize(images, params)
         ranges = self.factor_ranges()
         if self.color_prob > 0 and self.color_strength > 0:
             x = _color_jitter(x, params, with_hue=ranges["hue"][1] > 0)

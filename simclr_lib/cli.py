@@ -11,8 +11,10 @@ from typing import Any
 from .config import FIELDS, PRESETS, TYPES, load_config, make_config, validate
 from .errors import UserError
 
-COMMANDS = ("train", "evaluate", "eval", "tsne", "report")
-RESUMABLE = {"device", "log_every", "knn_every", "eval_batch_size", "probe_epochs"}
+COMMANDS = ("train", "evaluate", "eval", "tsne", "report", "bench")
+# What may differ when resuming: where and how fast it runs, not what it computes (time_budget only acts at the start).
+RESUMABLE = {"device", "log_every", "knn_every", "eval_batch_size", "probe_epochs", "workers", "data_placement",
+             "time_budget", "compile"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -78,6 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="a Markdown report comparing one or more runs")
     rp.add_argument("run_dirs", nargs="+", help="run folders")
     rp.add_argument("--out", default=None, help="report file (default: report.md in the first run folder)")
+    bn = sub.add_parser("bench", help="speed of the fast path vs the per-image path on this device (table + JSON)",
+                        description="Augmentation images/s, loss forward+backward time and training-step views/s, "
+                        "each beside the per-image / mask-and-gather formulation of the popular repos, in one "
+                        "process on one device.")
+    bn.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    bn.add_argument("--batch-sizes", default="256,512", metavar="B,B", help="training-step batch sizes")
+    bn.add_argument("--width", type=int, default=None, help="ResNet-18 width (default: 64 on a GPU, 8 on a CPU)")
+    bn.add_argument("--steps", type=int, default=None, help="timed training steps (default: 30 on a GPU, 4 on a CPU)")
+    bn.add_argument("--workers", type=int, default=None, help="DataLoader workers of the per-image path "
+                    "(default: CPU cores, at most 16)")
+    bn.add_argument("--compile", action="store_true", help="torch.compile the fast path (model, augmentation, loss)")
+    bn.add_argument("--data-root", default="data", help="CIFAR-10 location (random images when it is missing)")
+    bn.add_argument("--out", default=None, help="JSON file (default: runs/bench-<timestamp>.json)")
     return parser
 
 
@@ -155,6 +170,32 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(args.run_dirs, args.out)}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    """Benchmarks: table on stdout, JSON file."""
+    from datetime import datetime
+
+    from .bench import format_bench, run_bench
+
+    try:
+        batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise UserError(f"--batch-sizes takes integers like 256,512; got {args.batch_sizes!r}") from None
+    if not batch_sizes or min(batch_sizes) < 2:
+        raise UserError(f"--batch-sizes must list batch sizes of at least 2; got {args.batch_sizes!r}")
+    for name in ("width", "steps"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise UserError(f"--{name} must be at least 1")
+    if args.workers is not None and args.workers < 0:
+        raise UserError("--workers must be at least 0")
+    out = Path(args.out) if args.out else Path("runs") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
+    if out.exists():
+        raise UserError(f"{out} already exists: choose another --out")
+    result = run_bench(args.device, batch_sizes, args.width, args.steps, args.workers, args.compile,
+                       args.data_root, out)
+    print(format_bench(result))
+    print(f"wrote {out}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `simclr` and `python run.py`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -163,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "eval": cmd_evaluate, "tsne": cmd_tsne,
-                    "report": cmd_report}
+                    "report": cmd_report, "bench": cmd_bench}
         handlers[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -52,7 +52,12 @@ class Config:
     # system
     seed: int = _f(0, "seed for the model init, data order and augmentations")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
-    compile: bool = _f(False, "torch.compile the model")
+    compile: bool = _f(False, "torch.compile the model, the augmentation and the loss")
+    time_budget: float | None = _f(None, "seconds of pretraining: as many epochs as fit (at most --epochs), "
+                                         "measured on the first steps; the schedule spans exactly those epochs")
+    data_placement: str = _f("auto", "device (whole uint8 set on the training device), stream (DataLoader "
+                                     "with workers, pinned memory) or auto (device when it fits)")
+    workers: int = _f(4, "DataLoader worker processes when streaming")
     log_every: int = _f(20, "log the loss every this many steps")
     # evaluation
     knn_every: int = _f(1, "kNN monitor every this many epochs (0: only at the end)")
@@ -135,7 +140,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     full = {**Config().to_dict(), **config}
     full = {k: _check_type(k, v) for k, v in full.items()}
     choices = {"dataset": ("cifar10", "cifar100", "stl10", "folder"), "backbone": ("resnet18", "resnet50"),
-               "optimizer": ("lars", "sgd", "adam"), "lr_scaling": ("none", "linear", "sqrt")}
+               "optimizer": ("lars", "sgd", "adam"), "lr_scaling": ("none", "linear", "sqrt"),
+               "data_placement": ("auto", "device", "stream")}
     for key, allowed in choices.items():
         if full[key] not in allowed:
             raise UserError(f"{key} must be one of {', '.join(allowed)}; got {full[key]!r}")
@@ -156,6 +162,8 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         ("image_size", full["image_size"] is None or full["image_size"] >= 8, "at least 8"),
         ("train_subset", full["train_subset"] is None or full["train_subset"] >= 2, "at least 2"),
         ("log_every", full["log_every"] >= 1, "at least 1"),
+        ("time_budget", full["time_budget"] is None or full["time_budget"] > 0, "greater than 0"),
+        ("workers", full["workers"] >= 0, "at least 0"),
         ("knn_every", full["knn_every"] >= 0, "at least 0"),
         ("knn_monitor_size", full["knn_monitor_size"] >= 10, "at least 10"),
         ("knn_k", full["knn_k"] >= 1, "at least 1"),

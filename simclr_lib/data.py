@@ -844,3 +844,40 @@ def _show_dir(path: Path) -> str:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class ImageFileDataset(torch.utils.data.Dataset):
+    """Image files decoded and resized on access, for pretraining sets too large to hold in memory.
+
+    Pass it to `simclr_lib.train.pretrain` as the pretraining data: DataLoader workers then decode and resize
+    (shorter side to `image_size`, centre crop) into fixed-size uint8 batches, which are pinned, copied to the
+    device without blocking and augmented there like in-memory data. Every image mode becomes RGB.
+    """
+
+    def __init__(self, paths: list[str | Path], image_size: int) -> None:
+        if not paths:
+            raise UserError("ImageFileDataset needs at least one image file")
+        self.paths = [Path(p) for p in paths]
+        self.image_size = int(image_size)
+
+    @classmethod
+    def from_folder(cls, root: str | Path, image_size: int) -> ImageFileDataset:
+        """Every image file under `root` (recursively, sorted, hidden files skipped)."""
+        root = Path(root)
+        paths = sorted(p for p in root.rglob("*") if p.is_file() and _is_image_name(p.name))
+        if not paths:
+            raise UserError(f"no image files under {_show_dir(root)}")
+        return cls(paths, image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        path = self.paths[index]
+        try:
+            image = _decode_bytes(path.read_bytes())
+        except OSError:
+            image = None
+        if image is None:
+            raise UserError(f"cannot read image {path}: fix or delete it")
+        return resize_images(image, self.image_size)

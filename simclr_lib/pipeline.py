@@ -8,6 +8,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from .config import load_config
 from .data import DatasetSplits, balanced_subset, load_splits
 from .errors import UserError
 from .eval_job import evaluate_model, random_init_model, representation_figures, write_linear_eval
@@ -67,6 +68,8 @@ def run(config: dict[str, Any], out: str | Path | None = None, resume: bool = Fa
     t0 = time.perf_counter()
     model = pretrain(config, splits, pretrain_data, run_dir, resume=resume, progress=progress)
     pretrain_wall = time.perf_counter() - t0
+    fitted = load_config(run_dir / "config.json")  # --time-budget has set the epochs that fit
+    config = {**config, "epochs": fitted["epochs"], "warmup_epochs": fitted["warmup_epochs"]}
     history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]
     pretrain_seconds = sum(r["seconds"] for r in history)
 

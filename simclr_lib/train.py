@@ -3,14 +3,18 @@ metrics log, kNN monitor, full-state checkpoints and resume."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
 
 from .augment import SimCLRAugment
 from .checkpoints import CHECKPOINT
@@ -126,21 +130,148 @@ def _monitor_sets(splits: DatasetSplits, size: int) -> tuple[ImageData, ImageDat
     return bank, queries
 
 
-def pretrain(config: dict[str, Any], splits: DatasetSplits, pretrain_data: ImageData, run_dir: Path,
+class TrainStep:
+    """One SimCLR step: two augmented views of each image, one forward pass over both, NT-Xent, optimiser and
+    schedule step. Nothing in it reads a value back to the host, so on a GPU the step never waits for the device.
+
+    With `compile=True` the model, the augmentation (given its parameters) and the loss go through torch.compile;
+    the random parameters are still drawn eagerly from the step's generator, so compiled runs see the same views.
+    """
+
+    def __init__(self, model: nn.Module, augment: SimCLRAugment, optimizer: torch.optim.Optimizer,
+                 schedule: WarmupCosineSchedule, temperature: float, device: torch.device,
+                 compile: bool = False) -> None:
+        self.model, self.augment, self.optimizer, self.schedule = model, augment, optimizer, schedule
+        self.temperature, self.device = temperature, device
+        self.forward = torch.compile(model) if compile else model
+        self.apply_augment = torch.compile(augment.apply) if compile else augment.apply
+        self.loss_fn = torch.compile(nt_xent_loss) if compile else nt_xent_loss
+
+    def views(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Both views of a uint8 batch (B, 3, H, W) as one (2B, 3, S, S) tensor: first views, then second views."""
+        batch, _, height, width = images.shape
+        views = [self.apply_augment(images, self.augment.sample_params(batch, height, width, generator,
+                                                                       images.device)) for _ in range(2)]
+        views = torch.cat(views)
+        if channels_last(self.device):
+            views = views.contiguous(memory_format=torch.channels_last)
+        return views
+
+    def on_views(self, views: torch.Tensor) -> torch.Tensor:
+        """The optimisation step on ready views (2B, ...); returns the detached loss, still on the device."""
+        with autocast(self.device):
+            z = self.forward(views)
+        half = views.shape[0] // 2
+        loss = self.loss_fn(z[:half], z[half:], self.temperature)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.schedule.step()
+        return loss.detach()
+
+    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Augment and train on one uint8 batch that is already on the device."""
+        return self.on_views(self.views(images, generator))
+
+
+class TensorImages(Dataset):
+    """A uint8 image tensor as a map-style data set, for streaming it from host memory through a DataLoader."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        """A whole batch in one indexing call (the DataLoader uses this when it exists)."""
+        return self.images[torch.as_tensor(indices)]
+
+
+def _collate_images(batch: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+    return batch if isinstance(batch, torch.Tensor) else torch.stack(batch)
+
+
+def epoch_order(seed: int, epoch: int, n: int, device: torch.device) -> torch.Tensor:
+    """The epoch's permutation of the n pretraining images, a function of (seed, epoch) only."""
+    generator = torch.Generator(device=device).manual_seed(step_seed(seed, epoch, -1))
+    return torch.randperm(n, device=device, generator=generator)
+
+
+def data_placement(config: dict[str, Any], data: ImageData | Dataset, device: torch.device) -> str:
+    """'device' (the whole uint8 set lives on the training device) or 'stream' (batches come through a
+    DataLoader with workers and pinned memory). 'auto' keeps the data on the device when it takes at most a
+    quarter of the free device memory, and always for in-memory data on the CPU."""
+    choice = config["data_placement"]
+    if not isinstance(data, ImageData):
+        return "stream"  # e.g. an ImageFileDataset that decodes files in the workers
+    if choice != "auto":
+        return choice
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return "device" if data.images.nbytes <= free / 4 else "stream"
+    return "device"
+
+
+class BatchSource:
+    """uint8 batches on the training device for (epoch, step): indexed from a device-resident tensor, or
+    streamed through a DataLoader (decode or gather in workers, pinned memory, non-blocking copy).
+
+    Both read the same seeded order, so for the same data they give the same batches.
+    """
+
+    def __init__(self, data: ImageData | Dataset, placement: str, batch_size: int, seed: int,
+                 device: torch.device, workers: int = 4) -> None:
+        self.placement, self.batch_size, self.seed, self.device, self.workers = (placement, batch_size, seed,
+                                                                                 device, workers)
+        if placement == "device":
+            self.images = data.images.to(device)
+            self.dataset = None
+        else:
+            self.images = None
+            self.dataset = TensorImages(data.images) if isinstance(data, ImageData) else data
+        self.n = len(data)
+        self.steps_per_epoch = self.n // batch_size  # the short last batch is dropped: every step is full
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
+        """The batches of `epoch` from `start_step` on."""
+        bs = self.batch_size
+        if self.images is not None:
+            order = epoch_order(self.seed, epoch, self.n, self.device)
+            for i in range(start_step, self.steps_per_epoch):
+                yield self.images[order[i * bs:(i + 1) * bs]]
+            return
+        order = epoch_order(self.seed, epoch, self.n, torch.device("cpu")).tolist()
+        batches = [order[i * bs:(i + 1) * bs] for i in range(start_step, self.steps_per_epoch)]
+        pin = self.device.type == "cuda"
+        loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=pin,
+                            collate_fn=_collate_images, persistent_workers=False,
+                            prefetch_factor=4 if self.workers else None)
+        for batch in loader:
+            yield batch.to(self.device, non_blocking=True)
+
+
+def pretrain(config: dict[str, Any], splits: DatasetSplits, pretrain_data: ImageData | Dataset, run_dir: Path,
              resume: bool = False, progress: bool = True) -> SimCLR:
     """Contrastive pretraining as a config describes, writing metrics.jsonl and checkpoint.pt into run_dir.
 
     With resume=True it continues from run_dir/checkpoint.pt: weights, optimiser, schedule, epoch and
     history are restored, and every random draw is a function of (seed, epoch, step), so the rest of the
-    run is the same as if it had never stopped.
+    run is the same as if it had never stopped. With config["time_budget"] (and not resuming) the number of
+    epochs is first fitted to the budget from the measured speed of the first steps, and config.json updated.
     """
+    t_start = time.perf_counter()
     device = resolve_device(config["device"])
     n, batch_size = len(pretrain_data), config["batch_size"]
     if n < batch_size:
         raise UserError(f"only {n} pretraining images but batch_size is {batch_size}: "
                         "lower --batch-size or use more data")
-    steps_per_epoch = n // batch_size  # drop the short last batch so every step sees the same batch size
-    total_steps = config["epochs"] * steps_per_epoch
+    placement = data_placement(config, pretrain_data, device)
+    source = BatchSource(pretrain_data, placement, batch_size, config["seed"], device, config["workers"])
+    steps_per_epoch = source.steps_per_epoch
 
     model = build_model(config, splits.mean, splits.std).to(device)
     if channels_last(device):
@@ -149,11 +280,27 @@ def pretrain(config: dict[str, Any], splits: DatasetSplits, pretrain_data: Image
         torch.backends.cudnn.benchmark = True
     lr = scaled_lr(config["lr"], batch_size, config["lr_scaling"])
     optimizer = build_optimizer(config["optimizer"], model, lr, config["weight_decay"], config["momentum"])
-    schedule = WarmupCosineSchedule(optimizer, total_steps, round(config["warmup_epochs"] * steps_per_epoch))
-    augment = make_augment(config, splits)
-    forward = torch.compile(model) if config["compile"] else model
-
+    augment = make_augment(config, splits).to(device)
+    generator = torch.Generator(device=device)
+    log = MetricsLog(run_dir / "metrics.jsonl")
     ckpt_path = run_dir / CHECKPOINT
+
+    def make_schedule() -> WarmupCosineSchedule:
+        return WarmupCosineSchedule(optimizer, config["epochs"] * steps_per_epoch,
+                                    round(config["warmup_epochs"] * steps_per_epoch))
+
+    schedule = make_schedule()
+    step_fn = TrainStep(model, augment, optimizer, schedule, config["temperature"], device, config["compile"])
+    if config["time_budget"] is not None and not resume:
+        fit = fit_epochs_to_budget(config, step_fn, source, generator, splits, device, ckpt_path,
+                                   deadline=t_start + config["time_budget"])
+        config = {**config, "epochs": fit["epochs"], "warmup_epochs": fit["warmup_epochs"]}
+        (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        log.write({"kind": "time_budget", **fit})
+        print(f"time budget {config['time_budget']:.0f} s: {fit['step_seconds'] * 1e3:.1f} ms/step over "
+              f"{fit['measured_steps']} steps -> {fit['epochs']} epochs of {steps_per_epoch} steps")
+        schedule = step_fn.schedule = make_schedule()
+
     start_epoch, history, seconds_before = 0, [], 0.0
     if resume and ckpt_path.exists():
         state = load_checkpoint(ckpt_path)
@@ -162,10 +309,8 @@ def pretrain(config: dict[str, Any], splits: DatasetSplits, pretrain_data: Image
         schedule.load_state_dict(state["schedule"])
         start_epoch, history, seconds_before = state["epoch"], state["history"], state["pretrain_seconds"]
         torch.set_rng_state(state["rng"])
-    log = MetricsLog(run_dir / "metrics.jsonl")
 
-    images = pretrain_data.images.to(device)
-    generator = torch.Generator(device=device)
+    total_steps = config["epochs"] * steps_per_epoch
     pbar = None
     if progress:
         from tqdm.auto import tqdm
@@ -174,27 +319,15 @@ def pretrain(config: dict[str, Any], splits: DatasetSplits, pretrain_data: Image
     model.train()
     for epoch in range(start_epoch, config["epochs"]):
         t0 = time.perf_counter()
-        generator.manual_seed(step_seed(config["seed"], epoch, -1))
-        order = torch.randperm(n, device=device, generator=generator)
         loss_sum = torch.zeros((), device=device)
         window, window_steps = torch.zeros((), device=device), 0
-        for i in range(steps_per_epoch):
+        for i, batch in enumerate(source.epoch(epoch)):
             step = epoch * steps_per_epoch + i
             generator.manual_seed(step_seed(config["seed"], epoch, i))
-            batch = images[order[i * batch_size:(i + 1) * batch_size]]
-            views = torch.cat([augment(batch, generator), augment(batch, generator)])
-            if channels_last(device):
-                views = views.contiguous(memory_format=torch.channels_last)
-            with autocast(device):
-                z = forward(views)
-            loss = nt_xent_loss(z[:batch_size], z[batch_size:], config["temperature"])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             lr_used = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.detach()
-            window += loss.detach()
+            loss = step_fn(batch, generator)
+            loss_sum += loss
+            window += loss
             window_steps += 1
             if window_steps == config["log_every"] or i == steps_per_epoch - 1:
                 value = (window / window_steps).item()  # the only host sync, every log_every steps
@@ -229,3 +362,53 @@ def pretrain(config: dict[str, Any], splits: DatasetSplits, pretrain_data: Image
         pbar.close()
     model.eval()
     return model
+
+
+def fit_epochs_to_budget(config: dict[str, Any], step_fn: TrainStep, source: BatchSource,
+                         generator: torch.Generator, splits: DatasetSplits, device: torch.device,
+                         ckpt_path: Path, deadline: float, warmup_steps: int = 3,
+                         measured_steps: int = 10) -> dict[str, Any]:
+    """How many epochs fit before `deadline` (a time.perf_counter() value).
+
+    Times real steps (after `warmup_steps` untimed ones, which absorb compilation and cuDNN autotuning), one kNN
+    monitor and one checkpoint write, then puts the model, optimiser and schedule back exactly as they were.
+    At least 1 epoch, at most config["epochs"].
+    """
+    model, optimizer, schedule = step_fn.model, step_fn.optimizer, step_fn.schedule
+    saved = (copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict()), schedule.state_dict())
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    warmup_steps = min(warmup_steps, source.steps_per_epoch - 1)
+    measured_steps = max(1, min(measured_steps, source.steps_per_epoch - warmup_steps))
+    t0 = None
+    for i, batch in enumerate(source.epoch(0)):
+        if i == warmup_steps:
+            sync()
+            t0 = time.perf_counter()
+        generator.manual_seed(step_seed(config["seed"], -1, i))  # calibration draws, not the run's
+        step_fn(batch, generator)
+        if i + 1 == warmup_steps + measured_steps:
+            break
+    sync()
+    step_seconds = (time.perf_counter() - t0) / measured_steps
+    monitor_seconds = 0.0
+    if config["knn_every"]:
+        t1 = time.perf_counter()
+        knn_monitor(model, splits, config, device)
+        monitor_seconds = (time.perf_counter() - t1) / config["knn_every"]
+    t1 = time.perf_counter()
+    probe = ckpt_path.with_name(ckpt_path.name + ".probe")
+    save_checkpoint(probe, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+    probe.unlink()
+    checkpoint_seconds = time.perf_counter() - t1
+    model.load_state_dict(saved[0])
+    optimizer.load_state_dict(saved[1])
+    schedule.load_state_dict(saved[2])
+    epoch_seconds = source.steps_per_epoch * step_seconds + monitor_seconds + checkpoint_seconds
+    budget = deadline - time.perf_counter()  # what is left after building, loading and this calibration
+    # 3 % headroom for the per-epoch bookkeeping and for jitter in the measured speed.
+    epochs = int(max(0.0, 0.97 * budget) // epoch_seconds)
+    epochs = max(1, min(config["epochs"], epochs))
+    warmup = config["warmup_epochs"] if config["warmup_epochs"] <= epochs else epochs / 10
+    return {"seconds_left": budget, "epochs": epochs, "warmup_epochs": warmup, "step_seconds": step_seconds,
+            "measured_steps": measured_steps, "epoch_seconds": epoch_seconds, "monitor_seconds": monitor_seconds,
+            "checkpoint_seconds": checkpoint_seconds}

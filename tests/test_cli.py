@@ -149,3 +149,11 @@ def test_evaluate_rejects_a_bad_source(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path / "nope")]) == 2
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--label-fractions", "0,200"]) == 2
+
+
+def test_time_budget_sets_the_epochs(tiny_folder, tmp_path, capsys):
+    out = tmp_path / "budget"
+    assert main(tiny_args(tiny_folder, out, "--epochs", "40", "--time-budget", "0.001", "--knn-every", "0")) == 0
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 1
+    assert json.loads((out / "config.json").read_text())["epochs"] == 1
+    assert "time budget" in capsys.readouterr().out

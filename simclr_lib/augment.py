@@ -63,6 +63,10 @@ class ViewParams:
         """Return a copy with every field moved to `device`."""
         return ViewParams(**{name: value.to(device) for name, value in vars(self).items()})
 
+    def rows(self, start: int, stop: int) -> ViewParams:
+        """The parameters of images start..stop-1 (e.g. one process's share of a global batch)."""
+        return ViewParams(**{name: value[start:stop] for name, value in vars(self).items()})
+
 
 def _gray(images: Tensor) -> Tensor:
     """Luma of (B, 3, H, W) images as (B, 1, H, W), with torchvision's weights and operation order."""

@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, PRESETS, TYPES, load_config, make_config, validate
-from .errors import UserError
+from .config import FIELDS, PRESETS, TYPES, load_config, make_config, read_config_file, validate
+from .errors import Interrupted, UserError
 
 COMMANDS = ("train", "evaluate", "eval", "tsne", "report", "bench")
 # What may differ when resuming: where and how fast it runs, not what it computes (time_budget only acts at the start).
 RESUMABLE = {"device", "log_every", "knn_every", "eval_batch_size", "probe_epochs", "workers", "data_placement",
-             "time_budget", "compile"}
+             "time_budget", "compile", "keep"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -24,9 +25,19 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
+class _Unset:
+    """What `--flag none` parses to: set the key to None (an absent flag, also None, keeps the preset's value)."""
+
+    def __repr__(self) -> str:
+        return "none"
+
+
+UNSET = _Unset()
+
+
 def _optional(kind: type):
     def parse(text: str):
-        return None if text.lower() in ("none", "null") else kind(text)
+        return UNSET if text.lower() in ("none", "null") else kind(text)
     parse.__name__ = kind.__name__
     return parse
 
@@ -61,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--preset", default="quick", help="named recipe; every value can be overridden by a flag")
     train.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<timestamp>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    train.add_argument("--config", default=None, metavar="JSON",
+                       help="start from a config.json (e.g. another run's); its values replace the preset's, "
+                       "flags override both")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     add_config_flags(train)
     ev = sub.add_parser("evaluate", aliases=["eval"], help="evaluate a trained model: kNN, linear probe, "
@@ -105,7 +119,13 @@ def _source_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The config keys the user typed a flag for (`--flag none` gives UNSET)."""
     return {name: getattr(args, name) for name in FIELDS if name != "preset" and getattr(args, name, None) is not None}
+
+
+def _apply(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """`config` with the typed flags on top (UNSET becoming None), validated."""
+    return validate({**config, **{k: None if v is UNSET else v for k, v in overrides.items()}})
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -113,19 +133,24 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .pipeline import run
 
     overrides = _overrides(args)
+    typed = {k: v for k, v in overrides.items() if v is not UNSET}
+    unset = {k: v for k, v in overrides.items() if v is UNSET}
     if args.resume:
         if args.out is None:
             raise UserError("--resume needs --out RUN_DIR naming the run to continue")
-        config = load_config(Path(args.out) / "config.json") if (Path(args.out) / "config.json").is_file() \
-            else None
-        if config is None:
+        if not (Path(args.out) / "config.json").is_file():
             raise UserError(f"--resume: {args.out} holds no config.json; is it a run folder?")
-        changed = [k for k, v in overrides.items() if k not in RESUMABLE and config[k] != v]
+        config = load_config(Path(args.out) / "config.json")
+        changed = [k for k, v in overrides.items() if k not in RESUMABLE and config[k] != (None if v is UNSET else v)]
         if changed:
             raise UserError(f"cannot change {changed[0]} when resuming; start a new run with another --out")
-        config = validate({**config, **overrides})
+        config = _apply(config, overrides)
+    elif args.config is not None:
+        # The file's values on top of its preset (or --preset), then the flags: a partial file is fine.
+        values = read_config_file(args.config)
+        config = _apply(make_config(values.pop("preset", args.preset), **{**values, **typed}), unset)
     else:
-        config = make_config(args.preset, **overrides)
+        config = _apply(make_config(args.preset, **typed), unset)
     run(config, out=args.out, resume=args.resume, progress=not args.no_progress)
 
 
@@ -199,6 +224,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `simclr` and `python run.py`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # Warnings (e.g. skipped images) as one plain line, without the source line Python adds by default.
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
     if not argv or argv[0] not in COMMANDS:
         argv = ["train", *argv]  # `python run.py --epochs 3` means `simclr train --epochs 3`; --help shows its flags
     args = build_parser().parse_args(argv)
@@ -209,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(exc, file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint (end of the last full epoch) is kept: continue with --resume",
-              file=sys.stderr)
+        print("interrupted; the last checkpoint is kept: continue with --resume --out RUN_DIR", file=sys.stderr)
         return 130
     return 0
 

@@ -58,6 +58,8 @@ class Config:
     data_placement: str = _f("auto", "device (whole uint8 set on the training device), stream (DataLoader "
                                      "with workers, pinned memory) or auto (device when it fits)")
     workers: int = _f(4, "DataLoader worker processes when streaming")
+    sync_bn: bool = _f(True, "with torchrun: BatchNorm statistics over the global batch (the paper's global BN)")
+    keep: int = _f(0, "older checkpoints kept beside checkpoint.pt (checkpoint-epochNNNN.pt), 0 for none")
     log_every: int = _f(20, "log the loss every this many steps")
     # evaluation
     knn_every: int = _f(1, "kNN monitor every this many epochs (0: only at the end)")
@@ -164,6 +166,7 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
         ("log_every", full["log_every"] >= 1, "at least 1"),
         ("time_budget", full["time_budget"] is None or full["time_budget"] > 0, "greater than 0"),
         ("workers", full["workers"] >= 0, "at least 0"),
+        ("keep", full["keep"] >= 0, "at least 0"),
         ("knn_every", full["knn_every"] >= 0, "at least 0"),
         ("knn_monitor_size", full["knn_monitor_size"] >= 10, "at least 10"),
         ("knn_k", full["knn_k"] >= 1, "at least 1"),
@@ -182,12 +185,20 @@ def validate(config: dict[str, Any]) -> dict[str, Any]:
     return full
 
 
-def load_config(path: str | Path) -> dict[str, Any]:
-    """Read and validate a config.json."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The keys of a JSON config file, checked to be known config keys (values are checked by `validate`)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise UserError(f"cannot read config {path}: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object of config keys")
-    return validate(data)
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]!r} in {path}; known keys are the flags listed by --help")
+    return data
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read and validate a complete config.json (such as a run folder's)."""
+    return validate(read_config_file(path))

@@ -59,7 +59,7 @@ def evaluate_model(model: SimCLR, splits: DatasetSplits, config: dict[str, Any],
 def load_trained(source: str | Path, sha256: str | None = None,
                  overrides: dict[str, Any] | None = None) -> tuple[SimCLR, dict[str, Any], Path]:
     """The trained model, its config (with runtime `overrides`) and the folder where results go."""
-    from .train import load_checkpoint
+    from .checkpoints import load_checkpoint
 
     path = resolve_checkpoint(source, sha256=sha256)
     state = load_checkpoint(path)

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+
+from .distributed import gather_with_grad
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
@@ -13,14 +16,17 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     other 2N - 1 embeddings (its positive included, itself excluded), so the loss is a (2N-1)-way
     cross-entropy. The similarity logits are computed in fp32 whatever the autocast dtype, because
     exp(s / T) overflows fp16 for small T; cross_entropy uses log-sum-exp so nothing overflows.
+    Under torch.distributed (world size > 1) z1, z2 are this rank's rows and the negatives come from every rank.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
         raise ValueError(f"z1 and z2 must both be (N, D); got {tuple(z1.shape)} and {tuple(z2.shape)}")
     n = z1.shape[0]
-    if n < 2:
-        raise ValueError("NT-Xent needs at least 2 pairs: with N = 1 there is no negative")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _nt_xent_distributed(z1, z2, temperature)
+    if n < 2:
+        raise ValueError("NT-Xent needs at least 2 pairs: with N = 1 there is no negative")
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)
     logits = z @ z.T / temperature
     # An anchor is not its own candidate: -inf on the diagonal drops it from the softmax.
@@ -28,6 +34,27 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
     # Row i's positive sits N places away: i -> i + N for the first view, i + N -> i for the second.
     # Built from the actual N, never from a configured batch size, so a short last batch works.
     targets = torch.arange(2 * n, device=z.device).add_(n).remainder_(2 * n)
+    return F.cross_entropy(logits, targets)
+
+
+def _nt_xent_distributed(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
+    """NT-Xent of this rank's 2n anchors against the candidates of every rank (2N = world * 2n columns).
+
+    The candidate columns are laid out as in one process on the global batch (all first views in rank order,
+    then all second views), so anchor (rank r, row i) has itself at column r n + i (or N + r n + i) and its
+    positive N columns away. Averaged over ranks (DDP averages the gradients), this is the global-batch loss.
+    """
+    n = z1.shape[0]
+    rank = dist.get_rank()
+    a, b = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)
+    candidates = torch.cat([gather_with_grad(a), gather_with_grad(b)])  # (2N, D)
+    big_n = candidates.shape[0] // 2
+    logits = torch.cat([a, b]) @ candidates.T / temperature  # (2n, 2N)
+    rows = torch.arange(2 * n, device=logits.device)
+    own = torch.arange(n, device=logits.device) + rank * n
+    self_columns = torch.cat([own, own + big_n])
+    logits = logits.index_put((rows, self_columns), torch.tensor(float("-inf"), device=logits.device))
+    targets = torch.cat([own + big_n, own])
     return F.cross_entropy(logits, targets)
 
 

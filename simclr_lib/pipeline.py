@@ -8,12 +8,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import distributed
+from .checkpoints import CHECKPOINT
 from .config import load_config
 from .data import DatasetSplits, balanced_subset, load_splits
 from .errors import UserError
 from .eval_job import evaluate_model, random_init_model, representation_figures, write_linear_eval
 from .report import write_report
-from .train import CHECKPOINT, device_description, pretrain, read_metrics, resolve_device
+from .train import device_description, pretrain, read_metrics, resolve_device
 
 
 def new_run_dir(out: str | Path | None, preset: str, runs_root: str | Path = "runs") -> Path:
@@ -41,12 +43,28 @@ def load_data(config: dict[str, Any]) -> tuple[DatasetSplits, Any]:
             raise UserError(f"train_subset {config['train_subset']} is larger than the {len(pretrain_data)} "
                             "pretraining images")
         pretrain_data = balanced_subset(pretrain_data, config["train_subset"], config["seed"])
+    if len(pretrain_data) < config["batch_size"]:
+        raise UserError(f"only {len(pretrain_data)} pretraining images but batch_size is {config['batch_size']}: "
+                        "lower --batch-size or use more data")
     return splits, pretrain_data
 
 
 def run(config: dict[str, Any], out: str | Path | None = None, resume: bool = False,
         progress: bool = True) -> dict[str, Any]:
-    """Pretrain, evaluate the trained and the randomly initialised network, draw figures, write summary.json."""
+    """Pretrain, evaluate the trained and the randomly initialised network, draw figures, write summary.json.
+
+    Under torchrun every process pretrains its share (DistributedDataParallel); rank 0 alone creates the run
+    folder, logs, evaluates and draws, and only rank 0 returns the summary (the others return {}).
+    """
+    info = distributed.init_from_env(config["device"])
+    try:
+        return _run(config, out, resume, progress, info)
+    finally:
+        distributed.shutdown()
+
+
+def _run(config: dict[str, Any], out: str | Path | None, resume: bool, progress: bool,
+         info: distributed.DistInfo) -> dict[str, Any]:
     from . import viz  # matplotlib is only imported when figures are drawn
 
     t_start = time.perf_counter()
@@ -54,20 +72,26 @@ def run(config: dict[str, Any], out: str | Path | None = None, resume: bool = Fa
         raise UserError(f"--resume needs --out pointing at a run folder with {CHECKPOINT}; {out} has none")
     if not resume and out is not None and Path(out).exists() and any(Path(out).iterdir()):
         raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another --out")
+    distributed.barrier()  # every rank has checked before rank 0 creates anything
     device = resolve_device(config["device"])
     # Data first: a missing data set must not leave an empty run folder behind.
     splits, pretrain_data = load_data(config)
     if resume:
         run_dir = Path(out)
-    else:
+    elif info.is_main:
         run_dir = new_run_dir(out, config["preset"])
         (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    print(f"run folder: {run_dir}  |  device: {device_description(device)}")
-    print(f"data: {splits.name} from {splits.source}: {len(pretrain_data)} pretraining images, "
-          f"{len(splits.train)} train / {len(splits.test)} test for evaluation")
+    run_dir = Path(distributed.broadcast_object(str(run_dir) if info.is_main or resume else None))
+    if info.is_main:
+        processes = f"  |  {info.world_size} processes (torchrun)" if info.enabled else ""
+        print(f"run folder: {run_dir}  |  device: {device_description(device)}{processes}")
+        print(f"data: {splits.name} from {splits.source}: {len(pretrain_data)} pretraining images, "
+              f"{len(splits.train)} train / {len(splits.test)} test for evaluation")
     t0 = time.perf_counter()
-    model = pretrain(config, splits, pretrain_data, run_dir, resume=resume, progress=progress)
+    model = pretrain(config, splits, pretrain_data, run_dir, resume=resume, progress=progress and info.is_main)
     pretrain_wall = time.perf_counter() - t0
+    if not info.is_main:
+        return {}
     fitted = load_config(run_dir / "config.json")  # --time-budget has set the epochs that fit
     config = {**config, "epochs": fitted["epochs"], "warmup_epochs": fitted["warmup_epochs"]}
     history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]

@@ -7,6 +7,8 @@ import copy
 import json
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,10 +18,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from . import distributed
 from .augment import SimCLRAugment
-from .checkpoints import CHECKPOINT
+from .checkpoints import CheckpointWriter, checkpoint_name, load_checkpoint, save_checkpoint
 from .data import DatasetSplits, ImageData
-from .errors import UserError
+from .distributed import DistInfo
+from .errors import Interrupted, TrainingDiverged, UserError
 from .evaluate import autocast, channels_last, extract_features, knn_accuracy
 from .loss import nt_xent_loss
 from .models import SimCLR, build_model, load_model_state
@@ -73,24 +77,6 @@ def step_seed(seed: int, epoch: int, step: int) -> int:
     return (((seed * 1_000_003) + epoch) * 1_000_003 + step) % (2**63 - 1)
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: a kill mid-write leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Read a checkpoint safely (weights_only: no arbitrary code from pickles)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise UserError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from None
-
-
 class MetricsLog:
     """Append-only JSON-lines log, flushed after every record so a crash loses nothing written."""
 
@@ -130,28 +116,67 @@ def _monitor_sets(splits: DatasetSplits, size: int) -> tuple[ImageData, ImageDat
     return bank, queries
 
 
+class StopRequest:
+    """While active, SIGINT (Ctrl-C) and SIGTERM only record a request to stop, which the loop honours after the
+    current step by writing a checkpoint. The first signal restores the previous handlers, so a second one acts
+    at once. Outside the main thread (where handlers cannot be set) it does nothing."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+        self._restore()
+
+    def _restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
+
+    def __exit__(self, *exc: object) -> None:
+        self._restore()
+
+
 class TrainStep:
     """One SimCLR step: two augmented views of each image, one forward pass over both, NT-Xent, optimiser and
     schedule step. Nothing in it reads a value back to the host, so on a GPU the step never waits for the device.
 
     With `compile=True` the model, the augmentation (given its parameters) and the loss go through torch.compile;
     the random parameters are still drawn eagerly from the step's generator, so compiled runs see the same views.
+    With several processes (`dist`), the model is wrapped in DistributedDataParallel, `images` is this rank's
+    share of the global batch, and the augmentation parameters are drawn for the whole global batch from the
+    shared seed and sliced, so the ranks together compute exactly the one-process step on the global batch.
     """
 
     def __init__(self, model: nn.Module, augment: SimCLRAugment, optimizer: torch.optim.Optimizer,
                  schedule: WarmupCosineSchedule, temperature: float, device: torch.device,
-                 compile: bool = False) -> None:
+                 compile: bool = False, dist: DistInfo | None = None) -> None:
         self.model, self.augment, self.optimizer, self.schedule = model, augment, optimizer, schedule
-        self.temperature, self.device = temperature, device
-        self.forward = torch.compile(model) if compile else model
+        self.temperature, self.device, self.dist = temperature, device, dist or DistInfo()
+        network = model
+        if self.dist.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        self.forward = torch.compile(network) if compile else network
         self.apply_augment = torch.compile(augment.apply) if compile else augment.apply
         self.loss_fn = torch.compile(nt_xent_loss) if compile else nt_xent_loss
 
     def views(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Both views of a uint8 batch (B, 3, H, W) as one (2B, 3, S, S) tensor: first views, then second views."""
         batch, _, height, width = images.shape
-        views = [self.apply_augment(images, self.augment.sample_params(batch, height, width, generator,
-                                                                       images.device)) for _ in range(2)]
+        first, world = self.dist.rank * batch, self.dist.world_size
+        views = []
+        for _ in range(2):
+            params = self.augment.sample_params(batch * world, height, width, generator, images.device)
+            views.append(self.apply_augment(images, params if world == 1 else params.rows(first, first + batch)))
         views = torch.cat(views)
         if channels_last(self.device):
             views = views.contiguous(memory_format=torch.channels_last)
@@ -220,13 +245,16 @@ class BatchSource:
     """uint8 batches on the training device for (epoch, step): indexed from a device-resident tensor, or
     streamed through a DataLoader (decode or gather in workers, pinned memory, non-blocking copy).
 
-    Both read the same seeded order, so for the same data they give the same batches.
+    Both read the same seeded order, so for the same data they give the same batches. `batch_size` is the global
+    batch; with several processes each rank gets its contiguous share of every global batch.
     """
 
     def __init__(self, data: ImageData | Dataset, placement: str, batch_size: int, seed: int,
-                 device: torch.device, workers: int = 4) -> None:
+                 device: torch.device, workers: int = 4, dist: DistInfo | None = None) -> None:
         self.placement, self.batch_size, self.seed, self.device, self.workers = (placement, batch_size, seed,
                                                                                  device, workers)
+        self.dist = dist or DistInfo()
+        self.local_batch = batch_size // self.dist.world_size
         if placement == "device":
             self.images = data.images.to(device)
             self.dataset = None
@@ -238,14 +266,15 @@ class BatchSource:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         """The batches of `epoch` from `start_step` on."""
-        bs = self.batch_size
+        bs, local = self.batch_size, self.local_batch
+        offset = self.dist.rank * local
         if self.images is not None:
             order = epoch_order(self.seed, epoch, self.n, self.device)
             for i in range(start_step, self.steps_per_epoch):
-                yield self.images[order[i * bs:(i + 1) * bs]]
+                yield self.images[order[i * bs + offset:i * bs + offset + local]]
             return
         order = epoch_order(self.seed, epoch, self.n, torch.device("cpu")).tolist()
-        batches = [order[i * bs:(i + 1) * bs] for i in range(start_step, self.steps_per_epoch)]
+        batches = [order[i * bs + offset:i * bs + offset + local] for i in range(start_step, self.steps_per_epoch)]
         pin = self.device.type == "cuda"
         loader = DataLoader(self.dataset, batch_sampler=batches, num_workers=self.workers, pin_memory=pin,
                             collate_fn=_collate_images, persistent_workers=False,
@@ -258,22 +287,31 @@ def pretrain(config: dict[str, Any], splits: DatasetSplits, pretrain_data: Image
              resume: bool = False, progress: bool = True) -> SimCLR:
     """Contrastive pretraining as a config describes, writing metrics.jsonl and checkpoint.pt into run_dir.
 
-    With resume=True it continues from run_dir/checkpoint.pt: weights, optimiser, schedule, epoch and
-    history are restored, and every random draw is a function of (seed, epoch, step), so the rest of the
-    run is the same as if it had never stopped. With config["time_budget"] (and not resuming) the number of
-    epochs is first fitted to the budget from the measured speed of the first steps, and config.json updated.
+    Every random draw is a function of (seed, epoch, step), so resuming from a checkpoint (written at every epoch
+    end, and mid-epoch when SIGINT/SIGTERM asks the run to stop) continues exactly as if the run had never
+    stopped. With config["time_budget"] (and not resuming) the number of epochs is first fitted to the budget
+    from the measured speed of the first steps, and config.json updated. Under torchrun every rank calls this;
+    rank 0 alone logs and writes files.
     """
     t_start = time.perf_counter()
+    info = distributed.current()
     device = resolve_device(config["device"])
+    if info.enabled and device.type == "cuda":
+        device = torch.device("cuda", info.local_rank)
     n, batch_size = len(pretrain_data), config["batch_size"]
     if n < batch_size:
         raise UserError(f"only {n} pretraining images but batch_size is {batch_size}: "
                         "lower --batch-size or use more data")
+    if batch_size % info.world_size or batch_size // info.world_size < 1:
+        raise UserError(f"batch_size {batch_size} is the global batch and must split evenly over the "
+                        f"{info.world_size} processes: use a multiple of {info.world_size}")
     placement = data_placement(config, pretrain_data, device)
-    source = BatchSource(pretrain_data, placement, batch_size, config["seed"], device, config["workers"])
+    source = BatchSource(pretrain_data, placement, batch_size, config["seed"], device, config["workers"], info)
     steps_per_epoch = source.steps_per_epoch
 
     model = build_model(config, splits.mean, splits.std).to(device)
+    if info.enabled and config["sync_bn"]:
+        model = distributed.convert_batchnorm(model)
     if channels_last(device):
         model = model.to(memory_format=torch.channels_last)
     if device.type == "cuda":
@@ -282,84 +320,123 @@ def pretrain(config: dict[str, Any], splits: DatasetSplits, pretrain_data: Image
     optimizer = build_optimizer(config["optimizer"], model, lr, config["weight_decay"], config["momentum"])
     augment = make_augment(config, splits).to(device)
     generator = torch.Generator(device=device)
-    log = MetricsLog(run_dir / "metrics.jsonl")
-    ckpt_path = run_dir / CHECKPOINT
+    log = MetricsLog(run_dir / "metrics.jsonl") if info.is_main else None
+    checkpoints = CheckpointWriter(run_dir, config["keep"], enabled=info.is_main)
 
     def make_schedule() -> WarmupCosineSchedule:
         return WarmupCosineSchedule(optimizer, config["epochs"] * steps_per_epoch,
                                     round(config["warmup_epochs"] * steps_per_epoch))
 
     schedule = make_schedule()
-    step_fn = TrainStep(model, augment, optimizer, schedule, config["temperature"], device, config["compile"])
+    step_fn = TrainStep(model, augment, optimizer, schedule, config["temperature"], device, config["compile"], info)
     if config["time_budget"] is not None and not resume:
-        fit = fit_epochs_to_budget(config, step_fn, source, generator, splits, device, ckpt_path,
+        fit = fit_epochs_to_budget(config, step_fn, source, generator, splits, device, checkpoints.path,
                                    deadline=t_start + config["time_budget"])
         config = {**config, "epochs": fit["epochs"], "warmup_epochs": fit["warmup_epochs"]}
-        (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        log.write({"kind": "time_budget", **fit})
-        print(f"time budget {config['time_budget']:.0f} s: {fit['step_seconds'] * 1e3:.1f} ms/step over "
-              f"{fit['measured_steps']} steps -> {fit['epochs']} epochs of {steps_per_epoch} steps")
+        if info.is_main:
+            (run_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+            log.write({"kind": "time_budget", **fit})
+            print(f"time budget {config['time_budget']:.0f} s: {fit['step_seconds'] * 1e3:.1f} ms/step over "
+                  f"{fit['measured_steps']} steps -> {fit['epochs']} epochs of {steps_per_epoch} steps")
         schedule = step_fn.schedule = make_schedule()
 
-    start_epoch, history, seconds_before = 0, [], 0.0
-    if resume and ckpt_path.exists():
-        state = load_checkpoint(ckpt_path)
-        load_model_state(model, state["model"], source=str(ckpt_path))
+    start_epoch, start_step, history, seconds_before = 0, 0, [], 0.0
+    partial_loss, partial_seconds = 0.0, 0.0  # of an epoch interrupted part-way
+    if resume and checkpoints.path.exists():
+        state = load_checkpoint(checkpoints.path)
+        load_model_state(model, state["model"], source=str(checkpoints.path))
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-        start_epoch, history, seconds_before = state["epoch"], state["history"], state["pretrain_seconds"]
+        start_epoch, history = state["epoch"], state["history"]
+        start_step = state.get("step_in_epoch", 0)
+        partial_loss, partial_seconds = state.get("epoch_loss_sum", 0.0), state.get("epoch_seconds", 0.0)
+        seconds_before = state["pretrain_seconds"] - partial_seconds  # the partial epoch is counted at its end
+        checkpoints.last_name = checkpoint_name(start_epoch, start_step)
         torch.set_rng_state(state["rng"])
+
+    def state_dict(epoch: int, step_in_epoch: int, loss_sum: float, seconds: float) -> dict[str, Any]:
+        return {
+            "arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "schedule": schedule.state_dict(), "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "step": epoch * steps_per_epoch + step_in_epoch, "epoch_loss_sum": loss_sum, "epoch_seconds": seconds,
+            "config": config, "history": history, "pretrain_seconds": seconds_before + seconds,
+            # Every draw of the loop is seeded from (seed, epoch, step); the global RNG is kept for user code.
+            "rng": torch.get_rng_state(),
+        }
 
     total_steps = config["epochs"] * steps_per_epoch
     pbar = None
-    if progress:
+    if progress and info.is_main:
         from tqdm.auto import tqdm
-        pbar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch, desc="pretrain", unit="step",
-                    dynamic_ncols=True)
+        pbar = tqdm(total=total_steps, initial=start_epoch * steps_per_epoch + start_step, desc="pretrain",
+                    unit="step", dynamic_ncols=True)
     model.train()
-    for epoch in range(start_epoch, config["epochs"]):
-        t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=device)
-        window, window_steps = torch.zeros((), device=device), 0
-        for i, batch in enumerate(source.epoch(epoch)):
-            step = epoch * steps_per_epoch + i
-            generator.manual_seed(step_seed(config["seed"], epoch, i))
-            lr_used = optimizer.param_groups[0]["lr"]
-            loss = step_fn(batch, generator)
-            loss_sum += loss
-            window += loss
-            window_steps += 1
-            if window_steps == config["log_every"] or i == steps_per_epoch - 1:
-                value = (window / window_steps).item()  # the only host sync, every log_every steps
-                if not math.isfinite(value):
-                    raise UserError(f"the loss became {value} at step {step}: lower --lr, raise --temperature "
-                                    "or train in fp32; the last good checkpoint is kept")
-                log.write({"kind": "step", "epoch": epoch, "step": step + 1, "loss": value, "lr": lr_used})
-                if pbar is not None:
-                    pbar.set_postfix(epoch=f"{epoch + 1}/{config['epochs']}", loss=f"{value:.3f}",
-                                     lr=f"{lr_used:.3g}")
+    try:
+        with StopRequest() as stop:
+            for epoch in range(start_epoch, config["epochs"]):
+                t0 = time.perf_counter()
+                first = start_step if epoch == start_epoch else 0
+                earlier_loss = partial_loss if epoch == start_epoch else 0.0
+                earlier_seconds = partial_seconds if epoch == start_epoch else 0.0
+                loss_sum = torch.zeros((), device=device)
                 window, window_steps = torch.zeros((), device=device), 0
-            if pbar is not None:
-                pbar.update(1)
-        seconds = time.perf_counter() - t0
-        record = {"kind": "epoch", "epoch": epoch + 1, "loss": (loss_sum / steps_per_epoch).item(),
-                  "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
-                  "views_per_s": 2 * steps_per_epoch * batch_size / seconds}
-        last = epoch + 1 == config["epochs"]
-        if config["knn_every"] and ((epoch + 1) % config["knn_every"] == 0 or last):
-            record["knn_monitor_top1"] = knn_monitor(model, splits, config, device)
-        history.append(record)
-        log.write(record)
-        seconds_before += seconds
-        save_checkpoint(ckpt_path, {
-            "arch": model.arch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "schedule": schedule.state_dict(), "epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
-            "config": config, "history": history, "pretrain_seconds": seconds_before,
-            # Every draw of the loop is seeded from (seed, epoch, step); the global RNG is kept for user code.
-            "rng": torch.get_rng_state(),
-        })
-    if pbar is not None:
-        pbar.close()
+                for i, batch in enumerate(source.epoch(epoch, first), start=first):
+                    step = epoch * steps_per_epoch + i
+                    generator.manual_seed(step_seed(config["seed"], epoch, i))
+                    lr_used = optimizer.param_groups[0]["lr"]
+                    loss = step_fn(batch, generator)
+                    loss_sum += loss
+                    window += loss
+                    window_steps += 1
+                    at_log = (step + 1) % config["log_every"] == 0 or i == steps_per_epoch - 1
+                    if at_log:
+                        # The only host syncs, every log_every steps (and collectives, so all ranks agree).
+                        value = distributed.mean_over_ranks(window / window_steps).item()
+                        if not math.isfinite(value):
+                            raise TrainingDiverged(
+                                f"the loss became {value} at step {step + 1} (epoch {epoch + 1}): lower --lr, "
+                                "raise --temperature, or train in fp32 (bf16 autocast is on with CUDA); the last "
+                                f"good checkpoint is kept in {checkpoints.path}")
+                        if log is not None:
+                            log.write({"kind": "step", "epoch": epoch, "step": step + 1, "loss": value,
+                                       "lr": lr_used})
+                        if pbar is not None:
+                            pbar.set_postfix(epoch=f"{epoch + 1}/{config['epochs']}", loss=f"{value:.3f}",
+                                             lr=f"{lr_used:.3g}")
+                        window, window_steps = torch.zeros((), device=device), 0
+                    if pbar is not None:
+                        pbar.update(1)
+                    # Honour SIGINT/SIGTERM after a whole step; with several processes only where all ranks meet.
+                    if info.enabled:
+                        stopping = at_log and distributed.any_rank(stop.signum is not None, device)
+                    else:
+                        stopping = stop.signum is not None
+                    if stopping:
+                        done_loss = earlier_loss + distributed.mean_over_ranks(loss_sum).item()
+                        seconds = earlier_seconds + time.perf_counter() - t0
+                        checkpoints.write(state_dict(epoch, i + 1, done_loss, seconds))
+                        distributed.barrier()  # nobody exits before rank 0's checkpoint is on disk
+                        raise Interrupted(stop.signum or signal.SIGTERM, epoch, i + 1, steps_per_epoch,
+                                          step + 1, run_dir)
+                seconds = earlier_seconds + time.perf_counter() - t0
+                loss_mean = (earlier_loss + distributed.mean_over_ranks(loss_sum).item()) / steps_per_epoch
+                record = {"kind": "epoch", "epoch": epoch + 1, "loss": loss_mean,
+                          "lr": optimizer.param_groups[0]["lr"], "seconds": seconds,
+                          "views_per_s": 2 * (steps_per_epoch - first) * batch_size / max(seconds - earlier_seconds,
+                                                                                          1e-9)}
+                last = epoch + 1 == config["epochs"]
+                if info.is_main and config["knn_every"] and ((epoch + 1) % config["knn_every"] == 0 or last):
+                    record["knn_monitor_top1"] = knn_monitor(model, splits, config, device)
+                history.append(record)
+                if log is not None:
+                    log.write(record)
+                seconds_before += seconds
+                checkpoints.write(state_dict(epoch + 1, 0, 0.0, 0.0))
+                start_step, partial_loss, partial_seconds = 0, 0.0, 0.0
+    finally:
+        if pbar is not None:
+            pbar.close()
+    distributed.barrier()
     model.eval()
     return model
 
@@ -390,16 +467,17 @@ def fit_epochs_to_budget(config: dict[str, Any], step_fn: TrainStep, source: Bat
             break
     sync()
     step_seconds = (time.perf_counter() - t0) / measured_steps
-    monitor_seconds = 0.0
-    if config["knn_every"]:
+    monitor_seconds = checkpoint_seconds = 0.0
+    if step_fn.dist.is_main:  # only rank 0 monitors and writes checkpoints
+        if config["knn_every"]:
+            t1 = time.perf_counter()
+            knn_monitor(model, splits, config, device)
+            monitor_seconds = (time.perf_counter() - t1) / config["knn_every"]
         t1 = time.perf_counter()
-        knn_monitor(model, splits, config, device)
-        monitor_seconds = (time.perf_counter() - t1) / config["knn_every"]
-    t1 = time.perf_counter()
-    probe = ckpt_path.with_name(ckpt_path.name + ".probe")
-    save_checkpoint(probe, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
-    probe.unlink()
-    checkpoint_seconds = time.perf_counter() - t1
+        probe = ckpt_path.with_name(ckpt_path.name + ".probe")
+        save_checkpoint(probe, {"model": model.state_dict(), "optimizer": optimizer.state_dict()})
+        probe.unlink()
+        checkpoint_seconds = time.perf_counter() - t1
     model.load_state_dict(saved[0])
     optimizer.load_state_dict(saved[1])
     schedule.load_state_dict(saved[2])
@@ -407,7 +485,7 @@ def fit_epochs_to_budget(config: dict[str, Any], step_fn: TrainStep, source: Bat
     budget = deadline - time.perf_counter()  # what is left after building, loading and this calibration
     # 3 % headroom for the per-epoch bookkeeping and for jitter in the measured speed.
     epochs = int(max(0.0, 0.97 * budget) // epoch_seconds)
-    epochs = max(1, min(config["epochs"], epochs))
+    epochs = distributed.min_over_ranks(max(1, min(config["epochs"], epochs)), device)  # every rank agrees
     warmup = config["warmup_epochs"] if config["warmup_epochs"] <= epochs else epochs / 10
     return {"seconds_left": budget, "epochs": epochs, "warmup_epochs": warmup, "step_seconds": step_seconds,
             "measured_steps": measured_steps, "epoch_seconds": epoch_seconds, "monitor_seconds": monitor_seconds,

@@ -1,35 +1,21 @@
 """The command line end to end on a tiny generated data set: files written, resume, and one-line errors."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
+from simclr_lib import checkpoints as checkpoints_module
 from simclr_lib import train as train_module
 from simclr_lib.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    """4 classes of 16x16 images, 24 train / 6 test each, with a colour per class so there is signal."""
-    root = tmp_path_factory.mktemp("tiny")
-    g = torch.Generator().manual_seed(0)
-    colours = torch.tensor([[220, 40, 40], [40, 200, 40], [40, 40, 220], [200, 200, 40]])
-    for split, n in (("train", 24), ("test", 6)):
-        for c, name in enumerate(["a", "b", "c", "d"]):
-            folder = root / split / name
-            folder.mkdir(parents=True)
-            for i in range(n):
-                noise = torch.randint(-40, 40, (16, 16, 3), generator=g)
-                img = (colours[c] + noise).clamp(0, 255).to(torch.uint8).numpy()
-                Image.fromarray(img).save(folder / f"{i}.png")
-    return root
 
 
 def tiny_args(data_root, out, *extra):
@@ -61,28 +47,87 @@ def test_end_to_end_run_writes_every_file(tiny_folder, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
-def test_resume_after_an_interruption_gives_the_same_weights(tiny_folder, tmp_path, monkeypatch):
+def weights_of(run_dir):
+    return torch.load(run_dir / "checkpoint.pt", weights_only=True)["model"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def epoch_numbers(run_dir):
+    return [r["epoch"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if r["kind"] == "epoch"]
+
+
+def test_resume_after_a_crash_gives_the_same_weights(tiny_folder, tmp_path, monkeypatch):
     full = tmp_path / "full"
     assert main(tiny_args(tiny_folder, full, "--knn-every", "0", "--probe-epochs", "1")) == 0
-    # interrupt the second run right after its first checkpoint, as Ctrl-C would
-    real_save = train_module.save_checkpoint
+    # a crash right after the first epoch's checkpoint (KeyboardInterrupt outside the stop handler)
+    real_save = checkpoints_module.save_checkpoint
 
-    def save_then_interrupt(path, state):
+    def save_then_crash(path, state):
         real_save(path, state)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_interrupt)
+    monkeypatch.setattr(checkpoints_module, "save_checkpoint", save_then_crash)
     part = tmp_path / "part"
     assert main(tiny_args(tiny_folder, part, "--knn-every", "0", "--probe-epochs", "1")) == 130
     assert torch.load(part / "checkpoint.pt", weights_only=True)["epoch"] == 1
-    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(checkpoints_module, "save_checkpoint", real_save)
     assert main(["--resume", "--out", str(part), "--no-progress"]) == 0
-    a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
-    b = torch.load(part / "checkpoint.pt", weights_only=True)["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    epochs = [json.loads(line)["epoch"] for line in (part / "metrics.jsonl").read_text().splitlines()
-              if json.loads(line)["kind"] == "epoch"]
-    assert epochs == [1, 2]
+    assert_same_weights(weights_of(full), weights_of(part))
+    assert epoch_numbers(part) == [1, 2]
+
+
+def test_sigterm_mid_epoch_checkpoints_and_resume_is_bit_identical(tiny_folder, tmp_path, monkeypatch, capsys):
+    full = tmp_path / "full"
+    assert main(tiny_args(tiny_folder, full, "--knn-every", "0", "--probe-epochs", "1")) == 0
+    # SIGTERM arrives during the 6th step (epoch 2, step 2 of 4): the step finishes, then the run stops.
+    real_call, calls = train_module.TrainStep.__call__, []
+
+    def step_then_signal(self, images, generator):
+        calls.append(1)
+        if len(calls) == 6:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_call(self, images, generator)
+
+    monkeypatch.setattr(train_module.TrainStep, "__call__", step_then_signal)
+    part = tmp_path / "part"
+    assert main(tiny_args(tiny_folder, part, "--knn-every", "0", "--probe-epochs", "1")) == 143
+    message = capsys.readouterr().err.strip().splitlines()
+    assert len(message) == 1 and "SIGTERM" in message[0] and f"--resume --out {part}" in message[0]
+    state = torch.load(part / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step_in_epoch"], state["step"]) == (1, 2, 6)
+    assert not (part / "summary.json").exists()
+    monkeypatch.setattr(train_module.TrainStep, "__call__", real_call)
+    assert main(["--resume", "--out", str(part), "--no-progress"]) == 0
+    assert_same_weights(weights_of(full), weights_of(part))
+    assert epoch_numbers(part) == [1, 2]
+    # the epoch record of the interrupted epoch covers all of it: same mean loss as the uninterrupted run
+    full_loss = [r for r in map(json.loads, (full / "metrics.jsonl").read_text().splitlines())
+                 if r["kind"] == "epoch"][-1]["loss"]
+    part_loss = [r for r in map(json.loads, (part / "metrics.jsonl").read_text().splitlines())
+                 if r["kind"] == "epoch"][-1]["loss"]
+    assert part_loss == pytest.approx(full_loss, rel=1e-6)
+
+
+def test_sigterm_from_outside_stops_a_real_process_with_143(tiny_folder, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(tiny_folder, out, "--epochs", "60", "--knn-every", "0", "--probe-epochs", "1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().strip()) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "stopped by SIGTERM" in lines[0] and "Traceback" not in err
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert 0 < state["step"] < 240
 
 
 @pytest.mark.parametrize("args, words", [
@@ -157,3 +202,54 @@ def test_time_budget_sets_the_epochs(tiny_folder, tmp_path, capsys):
     assert json.loads((out / "summary.json").read_text())["epochs"] == 1
     assert json.loads((out / "config.json").read_text())["epochs"] == 1
     assert "time budget" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_with_a_hint_and_keeps_the_last_good_checkpoint(tiny_folder, tmp_path, monkeypatch, capsys):
+    real_loss, calls = train_module.nt_xent_loss, []
+
+    def loss_that_diverges(z1, z2, temperature):
+        calls.append(1)
+        loss = real_loss(z1, z2, temperature)
+        return loss * float("nan") if len(calls) > 5 else loss  # from the 2nd step of epoch 2 on
+
+    monkeypatch.setattr(train_module, "nt_xent_loss", loss_that_diverges)
+    out = tmp_path / "nan"
+    assert main(tiny_args(tiny_folder, out, "--knn-every", "0", "--log-every", "1")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "loss became nan at step 6" in err[0] and "lower --lr" in err[0]
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # epoch 1, still loadable
+
+
+def test_keep_holds_older_checkpoints_beside_the_latest(tiny_folder, tmp_path):
+    out = tmp_path / "keep"
+    assert main(tiny_args(tiny_folder, out, "--epochs", "4", "--keep", "2", "--knn-every", "0")) == 0
+    older = sorted(p.name for p in out.glob("checkpoint-*.pt"))
+    assert older == ["checkpoint-epoch0002.pt", "checkpoint-epoch0003.pt"]
+    for name, epoch in [("checkpoint.pt", 4), *zip(older, (2, 3))]:
+        assert torch.load(out / name, weights_only=True)["epoch"] == epoch
+    assert not list(out.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("edit, words", [
+    ({"not_a_key": 1}, "unknown config key 'not_a_key'"),
+    ({"epochs": "ten"}, "config key 'epochs' must be int"),
+    ({"temperature": -1.0}, "temperature must be greater than 0"),
+])
+def test_config_files_are_validated(tmp_path, capsys, edit, words):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"epochs": 3, **edit}))
+    assert main(["--config", str(path), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_none_unsets_a_preset_value_and_a_partial_config_file_works(tiny_folder, tmp_path):
+    out = tmp_path / "unset"
+    config_file = tmp_path / "mine.json"
+    config_file.write_text(json.dumps({"temperature": 0.2, "width": 4}))
+    assert main(["--config", str(config_file), *tiny_args(tiny_folder, out, "--train-subset", "none",
+                                                          "--knn-every", "0")]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["train_subset"] is None and config["temperature"] == 0.2 and config["preset"] == "quick"
+    assert json.loads((out / "summary.json").read_text())["pretrain_images"] == 96  # all of tiny train

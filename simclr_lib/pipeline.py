@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from . import distributed
 from .checkpoints import CHECKPOINT
@@ -41,7 +44,7 @@ def load_data(config: dict[str, Any]) -> tuple[DatasetSplits, Any]:
     if config["train_subset"] is not None:
         if config["train_subset"] > len(pretrain_data):
             raise UserError(f"train_subset {config['train_subset']} is larger than the {len(pretrain_data)} "
-                            "pretraining images")
+                            "pretraining images: lower it, or pass --train-subset none to use them all")
         pretrain_data = balanced_subset(pretrain_data, config["train_subset"], config["seed"])
     if len(pretrain_data) < config["batch_size"]:
         raise UserError(f"only {len(pretrain_data)} pretraining images but batch_size is {config['batch_size']}: "
@@ -92,6 +95,9 @@ def _run(config: dict[str, Any], out: str | Path | None, resume: bool, progress:
     pretrain_wall = time.perf_counter() - t0
     if not info.is_main:
         return {}
+    if info.enabled and device.type == "cpu":
+        # torchrun gave each process one thread; rank 0 now evaluates alone and may use every core.
+        torch.set_num_threads(os.cpu_count() or 1)
     fitted = load_config(run_dir / "config.json")  # --time-budget has set the epochs that fit
     config = {**config, "epochs": fitted["epochs"], "warmup_epochs": fitted["warmup_epochs"]}
     history = [r for r in read_metrics(run_dir / "metrics.jsonl") if r.get("kind") == "epoch"]

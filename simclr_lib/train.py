@@ -90,11 +90,17 @@ class MetricsLog:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl."""
+    """The records of a metrics.jsonl, in order; a step or epoch logged again (a run killed without a chance to
+    checkpoint repeats the steps since its last checkpoint when resumed) counts once, with its latest record.
+    The file itself is append-only and keeps every line."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    key = {"step": "step", "epoch": "epoch"}
+    latest = {(r["kind"], r[key[r["kind"]]]): i for i, r in enumerate(records) if r.get("kind") in key}
+    return [r for i, r in enumerate(records)
+            if r.get("kind") not in key or latest[(r["kind"], r[key[r["kind"]]])] == i]
 
 
 def knn_monitor(model: SimCLR, splits: DatasetSplits, config: dict[str, Any], device: torch.device) -> float:

@@ -125,3 +125,13 @@ def test_image_files_stream_through_workers(tmp_path):
     first = torch.from_numpy(np.array(Image.open(tmp_path / "0.png"))).permute(2, 0, 1).contiguous()
     expected = resize_images(first, 12)
     assert torch.equal(dataset[0], expected)
+
+
+def test_read_metrics_counts_a_repeated_step_once(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    records = [{"kind": "step", "step": 1, "loss": 5.0}, {"kind": "step", "step": 2, "loss": 4.0},
+               {"kind": "epoch", "epoch": 1, "loss": 4.5}, {"kind": "step", "step": 2, "loss": 4.1},
+               {"kind": "time_budget", "epochs": 3}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert read_metrics(path) == [records[0], records[2], records[3], records[4]]
+    assert len(path.read_text().splitlines()) == 5  # the file keeps every line

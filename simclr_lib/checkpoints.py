@@ -21,11 +21,15 @@ def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write atomically: to a temporary file, flushed to disk, then renamed over the old one. A kill at any
     moment leaves either the previous checkpoint or the new one, never a torn file."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a half-written file is never left to be mistaken for a checkpoint
+        raise
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

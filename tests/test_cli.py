@@ -80,23 +80,26 @@ def test_resume_after_a_crash_gives_the_same_weights(tiny_folder, tmp_path, monk
     assert epoch_numbers(part) == [1, 2]
 
 
-def test_sigterm_mid_epoch_checkpoints_and_resume_is_bit_identical(tiny_folder, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_mid_epoch_checkpoints_and_resume_is_bit_identical(tiny_folder, tmp_path, monkeypatch, capsys,
+                                                                  signum, code):
     full = tmp_path / "full"
     assert main(tiny_args(tiny_folder, full, "--knn-every", "0", "--probe-epochs", "1")) == 0
-    # SIGTERM arrives during the 6th step (epoch 2, step 2 of 4): the step finishes, then the run stops.
+    # The signal arrives during the 6th step (epoch 2, step 2 of 4): the step finishes, then the run stops.
     real_call, calls = train_module.TrainStep.__call__, []
 
     def step_then_signal(self, images, generator):
         calls.append(1)
         if len(calls) == 6:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return real_call(self, images, generator)
 
     monkeypatch.setattr(train_module.TrainStep, "__call__", step_then_signal)
     part = tmp_path / "part"
-    assert main(tiny_args(tiny_folder, part, "--knn-every", "0", "--probe-epochs", "1")) == 143
+    assert main(tiny_args(tiny_folder, part, "--knn-every", "0", "--probe-epochs", "1")) == code
     message = capsys.readouterr().err.strip().splitlines()
-    assert len(message) == 1 and "SIGTERM" in message[0] and f"--resume --out {part}" in message[0]
+    assert len(message) == 1 and signal.Signals(signum).name in message[0]
+    assert f"--resume --out {part}" in message[0]
     state = torch.load(part / "checkpoint.pt", weights_only=True)
     assert (state["epoch"], state["step_in_epoch"], state["step"]) == (1, 2, 6)
     assert not (part / "summary.json").exists()

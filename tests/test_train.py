@@ -135,3 +135,21 @@ def test_read_metrics_counts_a_repeated_step_once(tmp_path):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     assert read_metrics(path) == [records[0], records[2], records[3], records[4]]
     assert len(path.read_text().splitlines()) == 5  # the file keeps every line
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch):
+    from simclr_lib import checkpoints
+
+    path = tmp_path / "checkpoint.pt"
+    checkpoints.save_checkpoint(path, {"epoch": 1, "w": torch.ones(3)})
+
+    def torn_save(state, f):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # killed mid-write
+
+    monkeypatch.setattr(checkpoints.torch, "save", torn_save)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.save_checkpoint(path, {"epoch": 2, "w": torch.zeros(3)})
+    state = checkpoints.load_checkpoint(path)
+    assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]

@@ -24,8 +24,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from torch import Tensor
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+from .data import CIFAR10_MEAN, CIFAR10_STD
 
 # Luma weights of torchvision's rgb_to_grayscale (ITU-R 601-2).
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)

@@ -17,9 +17,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
-from .augment import CIFAR10_MEAN, CIFAR10_STD, SimCLRAugment, pil_pipeline, reference_view
+from .augment import SimCLRAugment, pil_pipeline, reference_view
 from .config import make_config
-from .data import ImageData, load_splits
+from .data import CIFAR10_MEAN, CIFAR10_STD, ImageData, load_splits
 from .errors import UserError
 from .evaluate import channels_last
 from .loss import nt_xent_loss

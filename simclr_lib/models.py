@@ -9,8 +9,9 @@ import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .augment import CIFAR10_MEAN, CIFAR10_STD, to_unit_float
+from .augment import to_unit_float
 from .checkpoints import resolve_checkpoint
+from .data import CIFAR10_MEAN, CIFAR10_STD
 from .errors import UserError
 
 BACKBONES = ("resnet18", "resnet50")

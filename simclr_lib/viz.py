@@ -260,7 +260,8 @@ def plot_single_augmentations(images: torch.Tensor, n_samples: int = 5, seed: in
     Each row shows the original and `n_samples` random draws of that single operation, so a reader sees what each
     ingredient of the SimCLR view pipeline does before they are combined.
     """
-    from .augment import CIFAR10_MEAN, CIFAR10_STD, SimCLRAugment, to_unit_float
+    from .augment import SimCLRAugment, to_unit_float
+    from .data import CIFAR10_MEAN, CIFAR10_STD
 
     mean, std = mean or CIFAR10_MEAN, std or CIFAR10_STD
     off = dict(crop_scale=(1.0, 1.0), flip_prob=0.0, color_prob=0.0, gray_prob=0.0, blur_prob=0.0)

@@ -17,10 +17,10 @@ sys.path.insert(0, str(ROOT))
 from simclr_lib import viz  # noqa: E402
 from simclr_lib.augment import SimCLRAugment  # noqa: E402
 from simclr_lib.data import load_splits  # noqa: E402
-from simclr_lib.eval_job import load_trained, random_init_model  # noqa: E402
 from simclr_lib.evaluate import extract_features  # noqa: E402
+from simclr_lib.jobs import load_trained, random_init_model  # noqa: E402
 from simclr_lib.notebook import ensure_trained_run  # noqa: E402
-from simclr_lib.train import resolve_device  # noqa: E402
+from simclr_lib.runtime import resolve_device  # noqa: E402
 
 
 def newest_run(runs: Path) -> Path | None:
@@ -44,12 +44,12 @@ def main() -> None:
 
     run_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else newest_run(ROOT / "runs")
     run_dir = ensure_trained_run(run_dir, data_root)
-    model, config, _ = load_trained(run_dir)
-    device = resolve_device("auto")
+    model, config, _, _ = load_trained(run_dir)
+    device = resolve_device(config.device)
     subset = splits.test.subset(torch.arange(0, len(splits.test), 5))  # 2,000 test images
     embeddings = {name: viz.tsne_embedding(extract_features(net.to(device), subset.images, 512, device).cpu())
                   for name, net in (("random init", random_init_model(config, splits, device)),
-                                    (f"trained ({config['preset']})", model))}
+                                    (f"trained ({config.preset})", model))}
     viz.save_figure(viz.plot_tsne(embeddings, subset.labels, splits.test.classes,
                                   title=f"t-SNE of 2000 CIFAR-10 test images' representations ({run_dir.name})"),
                     out / "tsne.png")

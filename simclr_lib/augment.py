@@ -1,15 +1,10 @@
 """SimCLR data augmentation (Chen et al. 2020, Appendix A), drawn per image on a whole batch tensor.
 
-Two paths produce the same views:
-
-* `SimCLRAugment` - the fast path. It samples every random parameter per image as tensors on the
-  images' device (`sample_params`) and applies them to the whole batch at once (`apply`) with no
-  Python loop over images and no host-device synchronisation.
-* `reference_view` - the readable path: one image at a time with `torchvision.transforms.functional`,
-  using the same parameters. The tests check that both paths agree.
-
-`pil_pipeline` builds the classic per-image PIL pipeline of the popular SimCLR repositories, used for
-statistics tests and speed comparisons.
+`SimCLRAugment` is the fast path: `sample_params` draws every random parameter per image as tensors on the
+images' device and `apply` applies them to the whole batch, with no Python loop over images and no host-device
+synchronisation. `reference_view` is the readable per-image torchvision path with the same parameters; the tests
+check that both agree. `pil_pipeline` is the classic per-image PIL pipeline of the popular SimCLR repositories,
+for statistics tests and speed comparisons. `normalize` is the one normalisation of the package.
 """
 
 from __future__ import annotations
@@ -29,6 +24,7 @@ from .data import CIFAR10_MEAN, CIFAR10_STD
 # Luma weights of torchvision's rgb_to_grayscale (ITU-R 601-2).
 GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 CROP_ATTEMPTS = 10  # as in torchvision's RandomResizedCrop
+MAX_COLOR_STRENGTH = 2.5  # the hue shift 0.2 s must stay in torchvision's [-0.5, 0.5]
 
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
@@ -40,6 +36,16 @@ def to_unit_float(images: Tensor) -> Tensor:
     if not images.is_floating_point():
         raise TypeError(f"expected uint8 or floating-point images, got {images.dtype}")
     return images.float()
+
+
+def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
+    """uint8 or [0, 1] float images (B, 3, H, W) -> float32 (x - mean) / std per channel, as torchvision's normalize.
+
+    `mean` and `std` are 3 floats each or tensors broadcastable to (1, 3, 1, 1), e.g. a model's buffers.
+    """
+    x = to_unit_float(images)
+    mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(-1, 1, 1) for v in (mean, std))
+    return x.sub(mean).div_(std)  # sub makes a new tensor: a float input is never modified
 
 
 @dataclass(eq=False)  # tensors have no single truth value, so no generated __eq__
@@ -67,20 +73,12 @@ class ViewParams:
         return ViewParams(**{name: value[start:stop] for name, value in vars(self).items()})
 
 
-def _gray(images: Tensor) -> Tensor:
-    """Luma of (B, 3, H, W) images as (B, 1, H, W), with torchvision's weights and operation order."""
-    r, g, b = images.unbind(dim=1)
-    return (GRAY_WEIGHTS[0] * r + GRAY_WEIGHTS[1] * g + GRAY_WEIGHTS[2] * b).unsqueeze(1)
-
-
 def _color_transform(images: Tensor, matrix: Tensor, bias: Tensor) -> Tensor:
-    """out[b] = matrix[b] @ pixel + bias[b] for every pixel of every image: one batched matmul.
+    """out[b] = matrix[b] @ pixel + bias[b] for every pixel: one batched matmul, matrix (B, 3, 3), bias (B, 3, 1).
 
-    `matrix` is (B, 3, 3) and `bias` (B, 3, 1). On a CPU a batched 3x3 matmul over the pixels is several times
-    faster than the equivalent chain of broadcast elementwise ops, and on a GPU it is one kernel.
+    On a CPU this is several times faster than the equivalent broadcast elementwise ops; on a GPU one kernel.
     """
-    batch = images.shape[0]
-    return torch.baddbmm(bias, matrix, images.reshape(batch, 3, -1)).view_as(images)
+    return torch.baddbmm(bias, matrix, images.reshape(images.shape[0], 3, -1)).view_as(images)
 
 
 def _gray_matrix(device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -92,7 +90,7 @@ def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     """Rotate the HSV hue of (B, 3, H, W) images in [0, 1] by a per-image `shift` (B,), as torchvision does.
 
     A hue rotation keeps V = max(r, g, b) and the chroma max - min, so the result is written directly
-    with the standard closed form of HSV -> RGB instead of building the full H, S, V stack.
+    with the closed form of HSV -> RGB instead of building the full H, S, V stack.
     """
     r, g, b = images.unbind(dim=1)
     maxc = images.amax(dim=1)
@@ -118,22 +116,16 @@ def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
 
 
 def _jitter_maps(ops: Tensor, params: ViewParams, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """The colour maps of brightness, contrast or saturation as chosen by `ops` (B, K); any other value is a no-op.
+    """Affine colour maps of the brightness, contrast or saturation op chosen by `ops` (B, K); other values: identity.
 
-    All three are torchvision's blend `clamp(f * x + (1 - f) * ref)` with ref = 0, the mean grey level or the
-    grey image, i.e. an affine colour map per image: f I for brightness, f I + (1 - f) * mean grey for contrast,
-    f I + (1 - f) 1 w^T for saturation (w the luma weights). A no-op is exactly the identity (f = 1).
-    Returns the matrices (B, K, 3, 3) and the weight of the mean grey level in the bias (B, K).
+    Each is torchvision's blend clamp(f x + (1 - f) ref) with ref = 0, the mean grey level or the grey image:
+    f I, f I + (1 - f) mean grey, f I + (1 - f) 1 w^T (w the luma weights). Returns the matrices (B, K, 3, 3)
+    and the weight of the mean grey level in the bias (B, K).
     """
-    def per_image(value: Tensor) -> Tensor:
-        return value.to(dtype).view(-1, 1)
-
-    factor = torch.where(
-        ops == BRIGHTNESS,
-        per_image(params.brightness),
-        torch.where(ops == CONTRAST, per_image(params.contrast),
-                    torch.where(ops == SATURATION, per_image(params.saturation), 1.0)),
-    )
+    brightness, contrast, saturation = (v.to(dtype).view(-1, 1) for v in (params.brightness, params.contrast,
+                                                                            params.saturation))
+    factor = torch.where(ops == BRIGHTNESS, brightness,
+                         torch.where(ops == CONTRAST, contrast, torch.where(ops == SATURATION, saturation, 1.0)))
     rest = 1.0 - factor
     eye = torch.eye(3, device=ops.device, dtype=dtype)
     gray = _gray_matrix(ops.device, dtype)
@@ -150,12 +142,11 @@ def _apply_jitter_map(images: Tensor, matrix: Tensor, mean_weight: Tensor) -> Te
     return _color_transform(images, matrix, bias).clamp_(0.0, 1.0)
 
 
-def _color_jitter(images: Tensor, params: ViewParams, with_hue: bool) -> Tensor:
+def _color_jitter(images: Tensor, params: ViewParams) -> Tensor:
     """Colour jitter with a per-image random order of the four ops, for the images where `params.jitter`.
 
-    Hue is the costly op, so it runs once for the whole batch rather than once per stage: the three
-    cheap ops that come before hue in an image's order run in three "pre" stages, then hue, then the
-    remaining cheap ops in three "post" stages. Each image sees its ops in exactly its own order.
+    Hue is the costly op, so it runs once for the whole batch: the cheap ops that come before hue in an image's
+    order run in three "pre" stages, then hue, then the remaining cheap ops in three "post" stages.
     """
     order = params.order
     # Position of hue in each image's order (0..3); the cheap ops in order are the others (B, 3).
@@ -169,13 +160,11 @@ def _color_jitter(images: Tensor, params: ViewParams, with_hue: bool) -> Tensor:
     matrices, mean_weights = _jitter_maps(torch.cat([before_hue, after_hue], dim=1), params, images.dtype)
 
     out = images
-    for stage in range(3):
-        out = _apply_jitter_map(out, matrices[:, stage], mean_weights[:, stage])
-    if with_hue:
-        # A zero shift (no jitter) is a round trip through HSV: the identity up to float rounding (~1e-7),
-        # far cheaper than selecting between two full-size tensors.
-        out = _shift_hue(out, params.hue.to(out.dtype) * params.jitter.to(out.dtype))
-    for stage in range(3, 6):
+    for stage in range(6):
+        if stage == 3:
+            # A zero shift (no jitter) is a round trip through HSV: the identity up to float rounding (~1e-7),
+            # far cheaper than selecting between two full-size tensors.
+            out = _shift_hue(out, params.hue.to(out.dtype) * params.jitter.to(out.dtype))
         out = _apply_jitter_map(out, matrices[:, stage], mean_weights[:, stage])
     return out
 
@@ -200,30 +189,19 @@ def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -
     return weights / weights.sum(dim=2, keepdim=True)
 
 
-def _gaussian_kernels(sigma: Tensor, kernel_size: int) -> Tensor:
-    """Normalised 1-D Gaussian kernels (B, kernel_size), one per sigma, as torchvision builds them."""
+def _gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
+    """Blur every image with its own sigma as torchvision does: reflect padding, then a separable grouped conv."""
+    batch, channels, height, width = images.shape
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, steps=kernel_size, device=sigma.device, dtype=sigma.dtype)
     pdf = torch.exp(-0.5 * (x.view(1, -1) / sigma.view(-1, 1)).pow(2))
-    return pdf / pdf.sum(dim=1, keepdim=True)
-
-
-def _gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
-    """Blur every image with its own sigma: reflect padding, then a separable grouped convolution."""
-    batch, channels, height, width = images.shape
-    pad = kernel_size // 2
-    kernels = _gaussian_kernels(sigma, kernel_size).repeat_interleave(channels, dim=0)  # (B*C, k)
+    kernels = (pdf / pdf.sum(dim=1, keepdim=True)).repeat_interleave(channels, dim=0)  # (B*C, k), normalised
     # Fold the batch into the channels so a single grouped conv gives each image its own kernel.
+    pad = kernel_size // 2
     x = F.pad(images.reshape(1, batch * channels, height, width), (pad, pad, pad, pad), mode="reflect")
     x = F.conv2d(x, kernels.view(-1, 1, 1, kernel_size), groups=batch * channels)
     x = F.conv2d(x, kernels.view(-1, 1, kernel_size, 1), groups=batch * channels)
     return x.view(batch, channels, height, width)
-
-
-def _uniform(shape: tuple[int, ...], low: float, high: float, generator: torch.Generator | None,
-             device: torch.device) -> Tensor:
-    """Float32 samples from U(low, high) computed as torchvision's `uniform_` does: low + (high - low) * u."""
-    return low + (high - low) * torch.rand(shape, generator=generator, device=device)
 
 
 class SimCLRAugment(torch.nn.Module):
@@ -231,8 +209,8 @@ class SimCLRAugment(torch.nn.Module):
 
     Pipeline (paper, Appendix A): random resized crop + horizontal flip, colour jitter of strength s in a
     random order with probability `color_prob`, random grayscale, optional Gaussian blur, normalisation.
-    The crop is resampled as torchvision's `resized_crop(antialias=True)` does (bilinear, antialiased when
-    downscaling); colour ops are batched 3x3 colour matrices, so the step costs a handful of batched matmuls.
+    The crop is resampled as torchvision's `resized_crop(antialias=True)`; colour ops are batched 3x3 colour
+    matrices, so the step costs a handful of batched matmuls.
     """
 
     def __init__(
@@ -250,20 +228,22 @@ class SimCLRAugment(torch.nn.Module):
         std: Sequence[float] = CIFAR10_STD,
     ) -> None:
         super().__init__()
+        if not 0.0 <= color_strength <= MAX_COLOR_STRENGTH:
+            raise ValueError(f"color_strength must be in [0, {MAX_COLOR_STRENGTH}], got {color_strength}")
+        for name, p in (("flip_prob", flip_prob), ("color_prob", color_prob), ("gray_prob", gray_prob),
+                        ("blur_prob", blur_prob)):
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {p}")
         self.image_size = int(image_size)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
-        self.flip_prob = float(flip_prob)
+        self.flip_prob, self.color_prob = float(flip_prob), float(color_prob)
+        self.gray_prob, self.blur_prob = float(gray_prob), float(blur_prob)
         self.color_strength = float(color_strength)
-        self.color_prob = float(color_prob)
-        self.gray_prob = float(gray_prob)
-        self.blur_prob = float(blur_prob)
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         # Buffers follow `.to(device)`, so normalising never copies host memory to the device.
-        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1),
-                             persistent=False)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
 
     @property
     def blur_kernel_size(self) -> int:
@@ -272,19 +252,12 @@ class SimCLRAugment(torch.nn.Module):
 
     def factor_ranges(self) -> dict[str, tuple[float, float]]:
         """The jitter ranges of strength s: factors in [max(0, 1 - 0.8 s), 1 + 0.8 s], hue in +-0.2 s."""
-        x = 0.8 * self.color_strength
-        h = 0.2 * self.color_strength
-        return {"brightness": (max(0.0, 1.0 - x), 1.0 + x), "contrast": (max(0.0, 1.0 - x), 1.0 + x),
-                "saturation": (max(0.0, 1.0 - x), 1.0 + x), "hue": (-h, h)}
+        x, h = 0.8 * self.color_strength, 0.2 * self.color_strength
+        factor = (max(0.0, 1.0 - x), 1.0 + x)
+        return {"brightness": factor, "contrast": factor, "saturation": factor, "hue": (-h, h)}
 
-    def sample_params(
-        self,
-        batch_size: int,
-        height: int,
-        width: int,
-        generator: torch.Generator | None = None,
-        device: torch.device | str | None = None,
-    ) -> ViewParams:
+    def sample_params(self, batch_size: int, height: int, width: int, generator: torch.Generator | None = None,
+                      device: torch.device | str | None = None) -> ViewParams:
         """Draw one view's parameters per image for a batch of `height` x `width` inputs, as tensors.
 
         Parameters are drawn on the generator's device (or `device` with the default generator) and
@@ -292,36 +265,28 @@ class SimCLRAugment(torch.nn.Module):
         """
         draw_device = generator.device if generator is not None else torch.device(device or "cpu")
         target = torch.device(device) if device is not None else draw_device
-        B = batch_size
 
         def uniform(shape: tuple[int, ...], low: float, high: float) -> Tensor:
-            return _uniform(shape, low, high, generator, draw_device)
+            # float32 U(low, high) computed as torchvision's `uniform_` does: low + (high - low) * u.
+            return low + (high - low) * torch.rand(shape, generator=generator, device=draw_device)
 
         def bernoulli(p: float) -> Tensor:
-            return torch.rand(B, generator=generator, device=draw_device) < p
+            return torch.rand(batch_size, generator=generator, device=draw_device) < p
 
-        crop = self._sample_crops(B, height, width, uniform)
-        flip = bernoulli(self.flip_prob)
-        jitter = bernoulli(self.color_prob)
-        ranges = self.factor_ranges()
-        brightness = uniform((B,), *ranges["brightness"])
-        contrast = uniform((B,), *ranges["contrast"])
-        saturation = uniform((B,), *ranges["saturation"])
-        hue = uniform((B,), *ranges["hue"])
+        crop = self._sample_crops(batch_size, height, width, uniform)
+        flip, jitter = bernoulli(self.flip_prob), bernoulli(self.color_prob)
+        factors = {name: uniform((batch_size,), *bounds) for name, bounds in self.factor_ranges().items()}
         # argsort of i.i.d. uniforms is a uniformly random permutation per row.
-        order = torch.rand((B, 4), generator=generator, device=draw_device).argsort(dim=1)
-        gray = bernoulli(self.gray_prob)
-        blur = bernoulli(self.blur_prob)
-        sigma = uniform((B,), *self.blur_sigma)
-        params = ViewParams(crop=crop, flip=flip, jitter=jitter, brightness=brightness, contrast=contrast,
-                            saturation=saturation, hue=hue, order=order, gray=gray, blur=blur, sigma=sigma)
+        order = torch.rand((batch_size, 4), generator=generator, device=draw_device).argsort(dim=1)
+        gray, blur = bernoulli(self.gray_prob), bernoulli(self.blur_prob)
+        params = ViewParams(crop=crop, flip=flip, jitter=jitter, **factors, order=order, gray=gray, blur=blur,
+                            sigma=uniform((batch_size,), *self.blur_sigma))
         return params if target == draw_device else params.to(target)
 
     def _sample_crops(self, B: int, height: int, width: int, uniform: Callable[..., Tensor]) -> Tensor:
         """RandomResizedCrop's (top, left, height, width) per image: first valid attempt, else centre."""
-        area = height * width
         log_r0, log_r1 = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
-        target_area = area * uniform((B, CROP_ATTEMPTS), *self.crop_scale)
+        target_area = height * width * uniform((B, CROP_ATTEMPTS), *self.crop_scale)
         aspect = torch.exp(uniform((B, CROP_ATTEMPTS), log_r0, log_r1))
         w = torch.round(torch.sqrt(target_area * aspect))
         h = torch.round(torch.sqrt(target_area / aspect))
@@ -341,24 +306,19 @@ class SimCLRAugment(torch.nn.Module):
 
     def _fallback_crop(self, height: int, width: int) -> tuple[int, int, int, int]:
         """torchvision's centre crop when no attempt fits: the largest crop with an allowed aspect ratio."""
-        in_ratio = width / height
-        if in_ratio < min(self.crop_ratio):
-            w = width
-            h = int(round(w / min(self.crop_ratio)))
-        elif in_ratio > max(self.crop_ratio):
-            h = height
-            w = int(round(h * max(self.crop_ratio)))
-        else:
-            w, h = width, height
+        low, high = min(self.crop_ratio), max(self.crop_ratio)
+        h, w = height, width
+        if width / height < low:
+            h = int(round(width / low))
+        elif width / height > high:
+            w = int(round(height * high))
         return (height - h) // 2, (width - w) // 2, h, w
 
     def crop_flip_resize(self, images: Tensor, params: ViewParams) -> Tensor:
-        """Crop, flip and resize uint8 or [0, 1] float images to float image_size x image_size, two batched matmuls.
+        """Crop, flip and resize uint8 or [0, 1] float images to float image_size x image_size: two batched matmuls.
 
-        Resizing is separable: view = Wy @ image @ Wx^T per channel, with per-image resampling matrices from
-        `resize_weights` (bilinear, antialiased when the crop is larger than the output, nothing outside the
-        crop used). A horizontal flip is Wx with its rows reversed. This is what torchvision's
-        `resized_crop(antialias=True)` + `hflip` compute, and bmm is fast on both CPU and GPU.
+        Resizing is separable: view = Wy @ image @ Wx^T per channel with the `resize_weights` of each crop, and a
+        flip reverses the rows of Wx - what torchvision's `resized_crop(antialias=True)` + `hflip` compute.
         """
         batch, channels, height, width = images.shape
         size = self.image_size
@@ -375,74 +335,59 @@ class SimCLRAugment(torch.nn.Module):
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
         x = self.crop_flip_resize(images, params)
-        ranges = self.factor_ranges()
         if self.color_prob > 0 and self.color_strength > 0:
-            x = _color_jitter(x, params, with_hue=ranges["hue"][1] > 0)
-        # Grayscale and the normalisation are both affine colour maps: one batched matmul does both.
+            x = _color_jitter(x, params)
+        # For speed the normalisation (`normalize`'s (x - mean) / std) is not a separate pass: with grayscale it is
+        # one affine colour map, folded into a single per-image colour matrix and applied by one batched matmul.
+        scale = (1.0 / self.std.to(x)).view(1, 3, 1)
         eye = torch.eye(3, device=x.device, dtype=x.dtype)
-        scale = (1.0 / self.std.to(device=x.device, dtype=x.dtype)).view(1, 3, 1)
-        matrix = torch.where(params.gray.view(-1, 1, 1), _gray_matrix(x.device, x.dtype), eye)
-        bias = (-self.mean.to(device=x.device, dtype=x.dtype).view(1, 3, 1) * scale).expand(x.shape[0], 3, 1)
+        gray = torch.where(params.gray.view(-1, 1, 1), _gray_matrix(x.device, x.dtype), eye)
+        x = _color_transform(x, scale * gray, (-self.mean.to(x).view(1, 3, 1) * scale).expand(x.shape[0], 3, 1))
         if self.blur_prob > 0:
             # Blurring after normalising is the same (a normalised kernel commutes with an affine map per
             # channel), so the blur runs last and only where chosen.
-            x = _color_transform(x, scale * matrix, bias)
             blurred = _gaussian_blur(x, params.sigma.to(x.dtype), self.blur_kernel_size)
-            return torch.where(params.blur.view(-1, 1, 1, 1), blurred, x).contiguous()
-        return _color_transform(x, scale * matrix, bias)
+            x = torch.where(params.blur.view(-1, 1, 1, 1), blurred, x).contiguous()
+        return x
 
     def forward(self, images: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """One random view per image of a batch (B, 3, H, W): `sample_params` then `apply`."""
         batch, _, height, width = images.shape
-        params = self.sample_params(batch, height, width, generator=generator, device=images.device)
-        return self.apply(images, params)
+        return self.apply(images, self.sample_params(batch, height, width, generator, images.device))
 
     def extra_repr(self) -> str:
         """Settings shown by print(module)."""
-        return (f"image_size={self.image_size}, crop_scale={self.crop_scale}, "
-                f"color_strength={self.color_strength}, color_prob={self.color_prob}, "
-                f"gray_prob={self.gray_prob}, blur_prob={self.blur_prob}")
+        return (f"image_size={self.image_size}, crop_scale={self.crop_scale}, color_strength={self.color_strength}, "
+                f"color_prob={self.color_prob}, gray_prob={self.gray_prob}, blur_prob={self.blur_prob}")
 
 
 def reference_view(image: Tensor, params: ViewParams, index: int, augment: SimCLRAugment) -> Tensor:
     """The readable per-image path with torchvision.transforms.functional for image `index`'s parameters.
 
     `image` is one (3, H, W) image, uint8 or float in [0, 1]; returns the normalised (3, S, S) view.
-    The batched path (`SimCLRAugment.apply`) is tested against this function.
     """
     x = to_unit_float(image)
     top, left, h, w = (int(v) for v in params.crop[index].tolist())
-    size = augment.image_size
-    x = TF.resized_crop(x, top, left, h, w, [size, size], antialias=True)
+    x = TF.resized_crop(x, top, left, h, w, [augment.image_size, augment.image_size], antialias=True)
     if params.flip[index]:
         x = TF.hflip(x)
     if params.jitter[index]:
+        ops = {BRIGHTNESS: (TF.adjust_brightness, params.brightness), CONTRAST: (TF.adjust_contrast, params.contrast),
+               SATURATION: (TF.adjust_saturation, params.saturation), HUE: (TF.adjust_hue, params.hue)}
         for op in params.order[index].tolist():
-            if op == BRIGHTNESS:
-                x = TF.adjust_brightness(x, float(params.brightness[index]))
-            elif op == CONTRAST:
-                x = TF.adjust_contrast(x, float(params.contrast[index]))
-            elif op == SATURATION:
-                x = TF.adjust_saturation(x, float(params.saturation[index]))
-            else:
-                x = TF.adjust_hue(x, float(params.hue[index]))
+            adjust, values = ops[op]
+            x = adjust(x, float(values[index]))
     if params.gray[index]:
         x = TF.rgb_to_grayscale(x, num_output_channels=3)
     if params.blur[index]:
-        k = augment.blur_kernel_size
-        sigma = float(params.sigma[index])
+        k, sigma = augment.blur_kernel_size, float(params.sigma[index])
         x = TF.gaussian_blur(x, [k, k], [sigma, sigma])
-    return TF.normalize(x, list(augment.mean.flatten().tolist()), list(augment.std.flatten().tolist()))
+    return TF.normalize(x, augment.mean.flatten().tolist(), augment.std.flatten().tolist())
 
 
-def pil_pipeline(
-    image_size: int = 32,
-    color_strength: float = 0.5,
-    blur_prob: float = 0.0,
-    mean: Sequence[float] = CIFAR10_MEAN,
-    std: Sequence[float] = CIFAR10_STD,
-    crop_scale: tuple[float, float] = (0.08, 1.0),
-) -> T.Compose:
+def pil_pipeline(image_size: int = 32, color_strength: float = 0.5, blur_prob: float = 0.0,
+                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
+                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
     """The classic per-image PIL pipeline of the popular SimCLR repos; torchvision draws its parameters."""
     s = color_strength
     steps: list = [

@@ -3,6 +3,7 @@ repositories use, measured in one process on one device: augmentation, the loss,
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -18,21 +19,19 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .augment import SimCLRAugment, pil_pipeline, reference_view
-from .config import make_config
+from .config import Config, make_config
 from .data import CIFAR10_MEAN, CIFAR10_STD, ImageData, load_splits
 from .errors import UserError
-from .evaluate import channels_last
 from .loss import nt_xent_loss
 from .models import build_model
 from .optim import WarmupCosineSchedule, build_optimizer, scaled_lr
-from .train import BatchSource, TrainStep, device_description, resolve_device, step_seed
+from .runtime import device_description, on_device, resolve_device, step_seed, to_layout
+from .train import BatchSource, TrainStep
 
 
 def mask_and_gather_nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """NT-Xent as the popular repositories compute it, for comparison only: build a (2N, 2N) label matrix,
-    drop the diagonal with a boolean mask, pull the positives and negatives out with boolean indexing, and put
-    the positive in column 0 of a cross-entropy. Same value as `nt_xent_loss`; more memory passes, and the
-    boolean indexing has data-dependent shapes (a host sync on a GPU, a graph break for torch.compile)."""
+    """NT-Xent as popular repositories compute it (for comparison only): a (2N, 2N) label matrix, boolean masks and
+    indexing (data-dependent shapes: a host sync on a GPU, a graph break for torch.compile), positive in column 0."""
     n = z1.shape[0]
     z = F.normalize(torch.cat([z1, z2]), dim=1)
     ids = torch.arange(n, device=z.device).repeat(2)
@@ -50,8 +49,7 @@ class PILTwoViews(Dataset):
     """The classic data path: each item is two views of one image, made one image at a time with PIL."""
 
     def __init__(self, images: torch.Tensor, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.images = images
-        self.transform = transform
+        self.images, self.transform = images, transform
 
     def __len__(self) -> int:
         return len(self.images)
@@ -88,17 +86,14 @@ def bench_augmentation(images: torch.Tensor, device: torch.device, batch: int = 
     apply = torch.compile(augment.apply) if compile else augment.apply
     on_device = images.to(device)
     generator = torch.Generator(device=device).manual_seed(0)
-    _, _, height, width = images.shape
-
-    def batched() -> torch.Tensor:
-        return apply(on_device, augment.sample_params(batch, height, width, generator, device))
-
-    batched_s = seconds_per_call(batched, device, repeat, warmup=3 if compile else 2)
+    _, _, h, w = images.shape
+    batched_s = seconds_per_call(lambda: apply(on_device, augment.sample_params(batch, h, w, generator, device)),
+                                 device, repeat, warmup=3 if compile else 2)
     pipeline = pil_pipeline()
     pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
     pil_s = seconds_per_call(lambda: torch.stack([pipeline(image) for image in pil_images]),
                              torch.device("cpu"), max(3, repeat // 4), warmup=1)
-    params = augment.sample_params(batch, height, width, torch.Generator().manual_seed(0))
+    params = augment.sample_params(batch, h, w, torch.Generator().manual_seed(0))
     cpu_augment = SimCLRAugment()
     ref_s = seconds_per_call(lambda: [reference_view(images[i], params, i, cpu_augment) for i in range(batch)],
                              torch.device("cpu"), 3, warmup=0)
@@ -113,23 +108,21 @@ def bench_loss(device: torch.device, n: int = 1024, dim: int = 128, repeat: int 
     z1 = torch.randn(n, dim, device=device, generator=generator, requires_grad=True)
     z2 = torch.randn(n, dim, device=device, generator=generator, requires_grad=True)
 
-    def run(loss_fn: Callable[..., torch.Tensor]) -> Callable[[], None]:
-        def call() -> None:
-            z1.grad = z2.grad = None
-            loss_fn(z1, z2, 0.5).backward()
-        return call
+    def fwd_bwd(loss_fn: Callable[..., torch.Tensor]) -> None:
+        z1.grad = z2.grad = None
+        loss_fn(z1, z2, 0.5).backward()
 
-    ours = seconds_per_call(run(nt_xent_loss), device, repeat, warmup=3)
-    theirs = seconds_per_call(run(mask_and_gather_nt_xent), device, repeat, warmup=3)
-    return {"n": n, "dim": dim, "ours_ms": ours * 1e3, "mask_and_gather_ms": theirs * 1e3,
-            "speedup": theirs / ours}
+    ours = seconds_per_call(lambda: fwd_bwd(nt_xent_loss), device, repeat, warmup=3)
+    theirs = seconds_per_call(lambda: fwd_bwd(mask_and_gather_nt_xent), device, repeat, warmup=3)
+    return {"n": n, "dim": dim, "ours_ms": ours * 1e3, "mask_and_gather_ms": theirs * 1e3, "speedup": theirs / ours}
 
 
-def _train_step(config: dict[str, Any], device: torch.device, compile: bool) -> TrainStep:
-    model = build_model(config, CIFAR10_MEAN, CIFAR10_STD).to(device)
-    if channels_last(device):
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer("lars", model, scaled_lr(1.0, config["batch_size"]), 1e-4)
+def _train_step(config: Config, device: torch.device, compile: bool) -> TrainStep:
+    if device.type == "cuda":  # the peak memory counted from here on is this path's alone
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    model = on_device(build_model(config, CIFAR10_MEAN, CIFAR10_STD), device)
+    optimizer = build_optimizer("lars", model, scaled_lr(1.0, config.batch_size), 1e-4)
     schedule = WarmupCosineSchedule(optimizer, 10_000, 100)
     return TrainStep(model, SimCLRAugment().to(device), optimizer, schedule, 0.5, device, compile)
 
@@ -138,58 +131,42 @@ def _peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
+def _views_per_s(step: Callable[[], None], device: torch.device, warmup: int, steps: int, batch_size: int) -> float:
+    for _ in range(warmup):
+        step()
+    return 2 * batch_size * steps / seconds_per_call(lambda: [step() for _ in range(steps)], device, 1, warmup=0)
+
+
+def _fast_path(images: torch.Tensor, device: torch.device, config: Config, steps: int, compile: bool) -> float:
+    step = _train_step(config, device, compile)
+    data = ImageData(images, torch.zeros(len(images), dtype=torch.long), ["x"])
+    batches = BatchSource(data, "device", config.batch_size, 0, device).epoch(0)
+    generator, seeds = torch.Generator(device=device), itertools.count()
+    return _views_per_s(lambda: step(next(batches), generator.manual_seed(step_seed(0, 0, next(seeds)))), device,
+                        3 if compile else 2, steps, config.batch_size)
+
+
+def _dataloader_path(images: torch.Tensor, device: torch.device, config: Config, steps: int, workers: int) -> float:
+    step = _train_step(config, device, compile=False)
+    batches = iter(DataLoader(PILTwoViews(images, pil_pipeline()), batch_size=config.batch_size, shuffle=True,
+                              drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
+                              persistent_workers=workers > 0))
+
+    def one() -> None:
+        v1, v2 = next(batches)
+        step.on_views(to_layout(torch.cat([v1, v2]).to(device, non_blocking=True), device))
+
+    # Enough untimed steps that the workers' prefetch queue has drained to its steady state.
+    return _views_per_s(one, device, max(2, 2 * workers), steps, config.batch_size)
+
+
 def bench_train_step(images: torch.Tensor, device: torch.device, batch_size: int, width: int, steps: int,
                      workers: int, compile: bool = False) -> dict[str, Any]:
     """Views/s of whole training steps (augmentation included) for ResNet-18 CIFAR at `width`: the fast path
     (uint8 data on the device, batched augmentation) and the per-image path (PIL in DataLoader workers)."""
     config = make_config("quick", width=width, batch_size=batch_size, train_subset=None)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.cuda.reset_peak_memory_stats(device)
-    step = _train_step(config, device, compile)
-    source = BatchSource(ImageData(images, torch.zeros(len(images), dtype=torch.long), ["x"]), "device",
-                         batch_size, 0, device)
-    generator = torch.Generator(device=device)
-    warmup = 3 if compile else 2
-    batches = source.epoch(0)
-    for i in range(warmup):
-        generator.manual_seed(step_seed(0, 0, i))
-        step(next(batches), generator)
-    _sync(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        generator.manual_seed(step_seed(0, 0, warmup + i))
-        step(next(batches), generator)
-    _sync(device)
-    fast = 2 * batch_size * steps / (time.perf_counter() - t0)
-    fast_peak = _peak_mb(device)
-    del step, batches, source
-
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    step = _train_step(config, device, compile=False)
-    loader = DataLoader(PILTwoViews(images, pil_pipeline()), batch_size=batch_size, shuffle=True, drop_last=True,
-                        num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=workers > 0)
-    # Enough untimed steps that the workers' prefetch queue has drained to its steady state.
-    warmup = max(2, 2 * workers)
-    batches = iter(loader)
-
-    def classic_step() -> None:
-        v1, v2 = next(batches)
-        views = torch.cat([v1, v2]).to(device, non_blocking=True)
-        if channels_last(device):
-            views = views.contiguous(memory_format=torch.channels_last)
-        step.on_views(views)
-
-    for _ in range(warmup):
-        classic_step()
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        classic_step()
-    _sync(device)
-    classic = 2 * batch_size * steps / (time.perf_counter() - t0)
+    fast, fast_peak = _fast_path(images, device, config, steps, compile), _peak_mb(device)
+    classic = _dataloader_path(images, device, config, steps, workers)
     return {"batch_size": batch_size, "width": width, "steps": steps, "workers": workers, "compiled": compile,
             "fast_views_per_s": fast, "dataloader_views_per_s": classic, "speedup": fast / classic,
             "fast_peak_mb": fast_peak, "dataloader_peak_mb": _peak_mb(device)}
@@ -201,16 +178,14 @@ def bench_images(data_root: str | Path, need: int) -> tuple[torch.Tensor, str]:
         splits = load_splits("cifar10", data_root, None, download=False)
         return splits.train.images, f"CIFAR-10 train ({len(splits.train)} images)"
     except UserError:
-        generator = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (need, 3, 32, 32), dtype=torch.uint8, generator=generator)
+        images = torch.randint(0, 256, (need, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         return images, f"random 32x32 images ({need}; no CIFAR-10 under {data_root})"
 
 
 def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), width: int | None = None,
               steps: int | None = None, workers: int | None = None, compile: bool = False,
-              data_root: str | Path = "data", out: str | Path | None = None,
-              progress: Callable[[str], None] = print, augment_batch: int = 512,
-              loss_n: int = 1024) -> dict[str, Any]:
+              data_root: str | Path = "data", out: str | Path | None = None, progress: Callable[[str], None] = print,
+              augment_batch: int = 512, loss_n: int = 1024) -> dict[str, Any]:
     """All benchmarks on one device; writes the JSON to `out` when given and returns it."""
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
@@ -222,11 +197,10 @@ def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), wid
     images, data_note = bench_images(data_root, need)
     if len(images) < need:
         raise UserError(f"the benchmark needs {need} images but {data_note}: lower --steps or --batch-sizes")
-    result: dict[str, Any] = {
-        "device": device_description(dev), "torch": torch.__version__, "python": platform.python_version(),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "data": data_note,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-    }
+    result: dict[str, Any] = {"device": device_description(dev), "torch": torch.__version__,
+                              "python": platform.python_version(), "cpu_count": os.cpu_count(),
+                              "torch_threads": torch.get_num_threads(), "data": data_note,
+                              "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     progress(f"bench on {result['device']} with {data_note}")
     progress(f"augmentation ({augment_batch} images) ...")
     result["augmentation"] = bench_augmentation(images, dev, augment_batch, compile=compile)
@@ -254,15 +228,12 @@ def format_bench(result: dict[str, Any]) -> str:
             (f"loss fwd+bwd, ms (N={loss['n']}, D={loss['dim']})", f"{loss['ours_ms']:.2f}",
              f"{loss['mask_and_gather_ms']:.2f} (mask and gather)", f"{loss['speedup']:.1f}x")]
     for r in result["train_step"]:
-        memory = ""
-        if r["fast_peak_mb"] is not None:
-            memory = f", peak {r['fast_peak_mb']:,.0f} / {r['dataloader_peak_mb']:,.0f} MiB"
+        memory = ("" if r["fast_peak_mb"] is None
+                  else f", peak {r['fast_peak_mb']:,.0f} / {r['dataloader_peak_mb']:,.0f} MiB")
         rows.append((f"train step, views/s (R18 w{r['width']}, batch {r['batch_size']}{memory})",
-                     f"{r['fast_views_per_s']:,.0f}",
-                     f"{r['dataloader_views_per_s']:,.0f} (PIL DataLoader, {r['workers']} workers)",
-                     f"{r['speedup']:.1f}x"))
+                     f"{r['fast_views_per_s']:,.0f}", f"{r['dataloader_views_per_s']:,.0f} (PIL DataLoader, "
+                     f"{r['workers']} workers)", f"{r['speedup']:.1f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        lines.append("  ".join(cell.ljust(w) if i in (0, 2) else cell.rjust(w)
-                               for i, (cell, w) in enumerate(zip(row, widths))))
+    lines += ["  ".join(cell.ljust(w) if i in (0, 2) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+              for row in rows]
     return "\n".join(lines)

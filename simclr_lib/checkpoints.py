@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import urllib.parse
 import urllib.request
@@ -18,8 +19,7 @@ CHECKPOINT = "checkpoint.pt"
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Write atomically: to a temporary file, flushed to disk, then renamed over the old one. A kill at any
-    moment leaves either the previous checkpoint or the new one, never a torn file."""
+    """Write atomically (temporary file, fsync, rename): a kill at any moment leaves the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
@@ -45,6 +45,12 @@ def checkpoint_name(epoch: int, step_in_epoch: int = 0) -> str:
     return f"checkpoint-epoch{epoch:04d}" + (f"-step{step_in_epoch:04d}" if step_in_epoch else "") + ".pt"
 
 
+def _position(path: Path) -> tuple[int, int]:
+    # (epoch, step): the writing order, which the names' text order is not ("-step0012.pt" sorts before ".pt")
+    match = re.fullmatch(r"checkpoint-epoch(\d+)(?:-step(\d+))?\.pt", path.name)
+    return (int(match[1]), int(match[2] or 0)) if match else (-1, -1)
+
+
 class CheckpointWriter:
     """checkpoint.pt in a run folder, always the latest; with keep=N the N checkpoints before it stay too, as
     checkpoint-epochNNNN.pt (hard links where the file system allows, so keeping costs no extra write)."""
@@ -65,8 +71,7 @@ class CheckpointWriter:
                     os.link(self.path, older)
                 except OSError:
                     shutil.copyfile(self.path, older)
-            kept = sorted(self.run_dir.glob("checkpoint-epoch*.pt"))
-            for stale in kept[:-self.keep]:
+            for stale in sorted(self.run_dir.glob("checkpoint-epoch*.pt"), key=_position)[:-self.keep]:
                 stale.unlink()
         save_checkpoint(self.path, state)
         self.last_name = checkpoint_name(state["epoch"], state.get("step_in_epoch", 0))
@@ -81,25 +86,30 @@ def sha256_of(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def read_model_checkpoint(source: str | Path, sha256: str | None = None) -> tuple[Path, dict[str, Any]]:
+    """The local path and the contents of a SimCLR checkpoint that `source` names (see `resolve_checkpoint`)."""
+    path = resolve_checkpoint(source, sha256=sha256)
+    state = load_checkpoint(path)
+    if not isinstance(state, dict) or "arch" not in state or "model" not in state:
+        raise UserError(f"{path} is not a SimCLR checkpoint of this project (no 'arch'/'model' entries)")
+    return path, state
+
+
 def is_url(source: str) -> bool:
     """Whether `source` is an http(s):// or file:// URL."""
     return urllib.parse.urlparse(str(source)).scheme in ("http", "https", "file")
 
 
 def resolve_checkpoint(source: str | Path, runs_root: str | Path = "runs", sha256: str | None = None) -> Path:
-    """The local checkpoint file `source` names, downloading a URL once into runs/downloaded-<name>/.
-
-    A run folder means its checkpoint.pt. With `sha256` the file must have that digest; a mismatching
-    download is deleted so that the next attempt downloads it again.
-    """
+    """The checkpoint file `source` (a run folder, a file, or a URL downloaded once into runs/downloaded-<name>/)
+    names; with `sha256` it must have that digest (a mismatching download is deleted, to be fetched again)."""
     text = str(source)
-    if is_url(text):
-        url = urllib.parse.urlparse(text)
-        name = Path(urllib.parse.unquote(url.path)).name or CHECKPOINT
-        folder = Path(runs_root) / f"downloaded-{Path(name).stem}"
-        path = folder / CHECKPOINT
+    remote = is_url(text)
+    if remote:
+        name = Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)).name or CHECKPOINT
+        path = Path(runs_root) / f"downloaded-{Path(name).stem}" / CHECKPOINT
         if not path.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(path.name + ".part")
             try:
                 with urllib.request.urlopen(text, timeout=60) as response, open(tmp, "wb") as f:
@@ -110,17 +120,13 @@ def resolve_checkpoint(source: str | Path, runs_root: str | Path = "runs", sha25
             tmp.replace(path)
             print(f"downloaded {text} -> {path}")
     else:
-        path = Path(text)
-        if path.is_dir():
-            path = path / CHECKPOINT
+        path = Path(text) / CHECKPOINT if Path(text).is_dir() else Path(text)
         if not path.is_file():
             raise UserError(f"no checkpoint at {path}: pass a run folder holding {CHECKPOINT}, a .pt file, "
                             "or an http(s)/file URL")
-    if sha256 is not None:
-        actual = sha256_of(path)
-        if actual.lower() != sha256.lower():
-            if is_url(text):
-                path.unlink()
-            raise UserError(f"{path} has sha256 {actual[:16]}..., expected {sha256[:16]}...: the file is corrupt "
-                            "or not the one you meant")
+    if sha256 is not None and (actual := sha256_of(path)).lower() != sha256.lower():
+        if remote:
+            path.unlink()
+        raise UserError(f"{path} has sha256 {actual[:16]}..., expected {sha256[:16]}...: the file is corrupt "
+                        "or not the one you meant")
     return path

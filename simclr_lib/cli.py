@@ -9,13 +9,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .config import FIELDS, PRESETS, TYPES, load_config, make_config, read_config_file, validate
+from .config import FIELDS, PRESETS, RESUMABLE, TYPES, load_config, make_config, read_config_file
 from .errors import Interrupted, UserError
 
 COMMANDS = ("train", "evaluate", "eval", "tsne", "report", "bench")
-# What may differ when resuming: where and how fast it runs, not what it computes (time_budget only acts at the start).
-RESUMABLE = {"device", "log_every", "knn_every", "eval_batch_size", "probe_epochs", "workers", "data_placement",
-             "time_budget", "compile", "keep"}
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -25,40 +22,34 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-class _Unset:
-    """What `--flag none` parses to: set the key to None (an absent flag, also None, keeps the preset's value)."""
-
-    def __repr__(self) -> str:
-        return "none"
-
-
-UNSET = _Unset()
-
-
 def _optional(kind: type):
     def parse(text: str):
-        return UNSET if text.lower() in ("none", "null") else kind(text)
+        return None if text.lower() in ("none", "null") else kind(text)
     parse.__name__ = kind.__name__
     return parse
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per Config field; defaults are None so only the flags a user typed override the preset."""
-    for name, f in FIELDS.items():
-        if name == "preset":
-            continue
-        flag = "--" + name.replace("_", "-")
-        kind = TYPES[name]
+def _at_least(low: int):
+    def parse(text: str) -> int:
+        if int(text) < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return int(text)
+    parse.__name__ = "int"  # what argparse names in "invalid int value"
+    return parse
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | None = None) -> None:
+    """One flag per Config field (or per field in `names`). Only flags a user typed appear in the parsed
+    namespace (default SUPPRESS), so an absent flag keeps the preset's value and `--flag none` sets None."""
+    for name in names or [n for n in FIELDS if n != "preset"]:
+        flag, kind, help = "--" + name.replace("_", "-"), TYPES[name], FIELDS[name].metadata["help"]
         args = getattr(kind, "__args__", None)
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=f.metadata["help"])
-            continue
-        if args:  # Optional[X]
-            base = next(a for a in args if a is not type(None))
-            parser.add_argument(flag, type=_optional(base), default=None, metavar=base.__name__.upper(),
-                                help=f.metadata["help"] + " ('none' to unset)")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
         else:
-            parser.add_argument(flag, type=kind, default=None, metavar=kind.__name__.upper(), help=f.metadata["help"])
+            base = next(a for a in args if a is not type(None)) if args else kind
+            parser.add_argument(flag, type=_optional(base) if args else kind, default=argparse.SUPPRESS,
+                                metavar=base.__name__.upper(), help=help + (" ('none' to unset)" if args else ""))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,12 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--label-fractions", default="1,10", metavar="PCTS",
                     help="percent of train labels for fine-tuning, comma-separated ('' for none; default 1,10)")
     ev.add_argument("--no-supervised", action="store_true", help="skip the supervised-from-scratch baseline")
-    for name in ("probe_epochs", "finetune_epochs", "finetune_lr", "finetune_batch_size", "eval_batch_size"):
-        ev.add_argument("--" + name.replace("_", "-"), type=TYPES[name], default=None,
-                        help=FIELDS[name].metadata["help"])
+    add_config_flags(ev, ("probe_epochs", "finetune_epochs", "finetune_lr", "finetune_batch_size",
+                          "eval_batch_size"))
     ts = sub.add_parser("tsne", help="t-SNE of test representations (trained vs random init) and a retrieval figure")
     _source_args(ts)
-    ts.add_argument("--tsne-points", type=int, default=None, help=FIELDS["tsne_points"].metadata["help"])
+    add_config_flags(ts, ("tsne_points",))
     rp = sub.add_parser("report", help="a Markdown report comparing one or more runs")
     rp.add_argument("run_dirs", nargs="+", help="run folders")
     rp.add_argument("--out", default=None, help="report file (default: report.md in the first run folder)")
@@ -100,9 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "process on one device.")
     bn.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     bn.add_argument("--batch-sizes", default="256,512", metavar="B,B", help="training-step batch sizes")
-    bn.add_argument("--width", type=int, default=None, help="ResNet-18 width (default: 64 on a GPU, 8 on a CPU)")
-    bn.add_argument("--steps", type=int, default=None, help="timed training steps (default: 30 on a GPU, 4 on a CPU)")
-    bn.add_argument("--workers", type=int, default=None, help="DataLoader workers of the per-image path "
+    bn.add_argument("--width", type=_at_least(1), default=None, help="ResNet-18 width (default: 64 on a GPU, 8 on "
+                    "a CPU)")
+    bn.add_argument("--steps", type=_at_least(1), default=None, help="timed training steps (default: 30 on a GPU, "
+                    "4 on a CPU)")
+    bn.add_argument("--workers", type=_at_least(0), default=None, help="DataLoader workers of the per-image path "
                     "(default: CPU cores, at most 16)")
     bn.add_argument("--compile", action="store_true", help="torch.compile the fast path (model, augmentation, loss)")
     bn.add_argument("--data-root", default="data", help="CIFAR-10 location (random images when it is missing)")
@@ -113,51 +105,37 @@ def build_parser() -> argparse.ArgumentParser:
 def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help="a run folder, a checkpoint .pt file, or an http(s)/file URL of one")
     parser.add_argument("--sha256", default=None, help="expected SHA-256 of the checkpoint file")
-    parser.add_argument("--data-root", default=None, help="where the data set is (default: the run's)")
-    parser.add_argument("--device", default=None, help="auto, cpu, cuda, ... (default: the run's)")
+    add_config_flags(parser, ("data_root", "device"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The config keys the user typed a flag for (`--flag none` gives UNSET)."""
-    return {name: getattr(args, name) for name in FIELDS if name != "preset" and getattr(args, name, None) is not None}
-
-
-def _apply(config: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """`config` with the typed flags on top (UNSET becoming None), validated."""
-    return validate({**config, **{k: None if v is UNSET else v for k, v in overrides.items()}})
+    """The config keys the user typed a flag for (None where the flag said 'none')."""
+    return {name: value for name, value in vars(args).items() if name in FIELDS and name != "preset"}
 
 
 def cmd_train(args: argparse.Namespace) -> None:
     """The main job."""
-    from .pipeline import run
+    from .jobs import run
 
     overrides = _overrides(args)
-    typed = {k: v for k, v in overrides.items() if v is not UNSET}
-    unset = {k: v for k, v in overrides.items() if v is UNSET}
     if args.resume:
         if args.out is None:
             raise UserError("--resume needs --out RUN_DIR naming the run to continue")
         if not (Path(args.out) / "config.json").is_file():
             raise UserError(f"--resume: {args.out} holds no config.json; is it a run folder?")
         config = load_config(Path(args.out) / "config.json")
-        changed = [k for k, v in overrides.items() if k not in RESUMABLE and config[k] != (None if v is UNSET else v)]
+        changed = [k for k, v in overrides.items() if k not in RESUMABLE and getattr(config, k) != v]
         if changed:
             raise UserError(f"cannot change {changed[0]} when resuming; start a new run with another --out")
-        config = _apply(config, overrides)
-    elif args.config is not None:
-        # The file's values on top of its preset (or --preset), then the flags: a partial file is fine.
-        values = read_config_file(args.config)
-        config = _apply(make_config(values.pop("preset", args.preset), **{**values, **typed}), unset)
+        config = config.replace(**overrides)
     else:
-        config = _apply(make_config(args.preset, **typed), unset)
+        # A --config file's values on top of its preset (or --preset), then the flags: a partial file is fine.
+        values = read_config_file(args.config) if args.config is not None else {}
+        preset = values.pop("preset", args.preset)
+        merged = {**values, **overrides}
+        config = make_config(preset, **merged).replace(**{k: None for k, v in merged.items() if v is None})
     run(config, out=args.out, resume=args.resume, progress=not args.no_progress)
-
-
-def _runtime_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    from .eval_job import RUNTIME_KEYS
-
-    return {k: getattr(args, k) for k in RUNTIME_KEYS if getattr(args, k, None) is not None}
 
 
 def _fractions(text: str) -> list[float]:
@@ -172,26 +150,23 @@ def _fractions(text: str) -> list[float]:
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """kNN, linear probe, fine-tuning vs supervised per label fraction; eval.json, figures, report."""
-    from .eval_job import evaluate_job
+    from .jobs import evaluate_job
 
     evaluate_job(args.source, _fractions(args.label_fractions), supervised=not args.no_supervised,
-                 sha256=args.sha256, overrides=_runtime_overrides(args), progress=not args.no_progress)
+                 sha256=args.sha256, overrides=_overrides(args), progress=not args.no_progress)
 
 
 def cmd_tsne(args: argparse.Namespace) -> None:
     """t-SNE and retrieval figures."""
-    from .eval_job import tsne_job
+    from .jobs import tsne_job
 
-    tsne_job(args.source, args.sha256, _runtime_overrides(args))
+    tsne_job(args.source, args.sha256, _overrides(args))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Markdown report of one or several runs."""
     from .report import write_report
 
-    for run_dir in args.run_dirs:
-        if not Path(run_dir).is_dir():
-            raise UserError(f"{run_dir} is not a run folder")
     print(f"wrote {write_report(args.run_dirs, args.out)}")
 
 
@@ -207,11 +182,6 @@ def cmd_bench(args: argparse.Namespace) -> None:
         raise UserError(f"--batch-sizes takes integers like 256,512; got {args.batch_sizes!r}") from None
     if not batch_sizes or min(batch_sizes) < 2:
         raise UserError(f"--batch-sizes must list batch sizes of at least 2; got {args.batch_sizes!r}")
-    for name in ("width", "steps"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise UserError(f"--{name} must be at least 1")
-    if args.workers is not None and args.workers < 0:
-        raise UserError("--workers must be at least 0")
     out = Path(args.out) if args.out else Path("runs") / f"bench-{datetime.now().strftime('%Y%m%d-%H%M%S')}.json"
     if out.exists():
         raise UserError(f"{out} already exists: choose another --out")

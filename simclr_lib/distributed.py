@@ -1,15 +1,8 @@
-"""Data-parallel training with PyTorch's own engine (`torchrun` + DistributedDataParallel), CPU (gloo) or GPU (nccl).
-
-Three pieces make a multi-process run compute what one process would compute on the whole global batch:
-
-* `gather_with_grad`: every rank's embeddings, so NT-Xent sees the negatives of every rank; its backward sums
-  the gradient over ranks before keeping this rank's slice (keeping only the local slice without the sum is a
-  known bug of some public implementations: it drops the other ranks' losses' dependence on our embeddings).
-* `GlobalBatchNorm`: BatchNorm with statistics over the global batch, as the paper's "global BN" (torch's
-  SyncBatchNorm needs a GPU; this one also runs on CPU with gloo, so the tests can check it).
-* each rank draws the augmentation parameters of the whole global batch from the shared step seed and applies
-  its own slice (see `simclr_lib.train.TrainStep`), and takes its slice of the shared epoch order.
-"""
+"""Data-parallel training with `torchrun` + DistributedDataParallel, CPU (gloo) or GPU (nccl), that computes what
+one process would on the whole global batch: `gather_with_grad` gives NT-Xent every rank's negatives (its backward
+sums the gradient over ranks before keeping our slice; some public implementations skip the sum, a known bug),
+`GlobalBatchNorm` is the paper's global BN (also on CPU with gloo, unlike SyncBatchNorm), and each rank applies its
+slice of the global batch's augmentation drawn from the shared step seed (see `simclr_lib.train.TrainStep`)."""
 
 from __future__ import annotations
 
@@ -32,14 +25,16 @@ class DistInfo:
     local_rank: int = 0
 
     @property
-    def enabled(self) -> bool:
-        """True when there is more than one process."""
+    def enabled(self) -> bool:  # more than one process
         return self.world_size > 1
 
     @property
-    def is_main(self) -> bool:
-        """Rank 0 alone logs, evaluates and writes files."""
+    def is_main(self) -> bool:  # rank 0 alone logs, evaluates and writes files
         return self.rank == 0
+
+
+def _active() -> bool:  # more than one process: else every collective here is a no-op
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def current() -> DistInfo:
@@ -55,10 +50,7 @@ def launched_by_torchrun() -> bool:
 
 
 def init_from_env(device: str) -> DistInfo:
-    """Join the process group torchrun describes in the environment: nccl on CUDA, gloo otherwise.
-
-    On CUDA each process takes the GPU of its LOCAL_RANK. Returns DistInfo() when not launched by torchrun.
-    """
+    """Join torchrun's process group (nccl on CUDA, each process on the GPU of its LOCAL_RANK; gloo otherwise)."""
     if not launched_by_torchrun():
         return DistInfo()
     if dist.is_initialized():
@@ -97,49 +89,41 @@ class _GatherWithGrad(torch.autograd.Function):
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
-    """Concatenate `tensor` (n, ...) from every rank in rank order (world * n, ...); gradients flow back to their
-    rank, summed over all ranks' losses. Without a process group it returns `tensor` unchanged."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    return _GatherWithGrad.apply(tensor)
+    """`tensor` (n, ...) of every rank in rank order (world * n, ...); its gradient sums all ranks' losses'."""
+    return _GatherWithGrad.apply(tensor) if _active() else tensor
+
+
+def _summed(tensor: torch.Tensor) -> torch.Tensor:
+    out = tensor.clone()
+    dist.all_reduce(out)
+    return out
 
 
 class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
-        out = tensor.clone()
-        dist.all_reduce(out)
-        return out
+        return _summed(tensor)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return _summed(grad)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """The sum of `tensor` over ranks, differentiable (the gradient is summed over ranks too)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return tensor
-    return _AllReduceSum.apply(tensor)
+    return _AllReduceSum.apply(tensor) if _active() else tensor
 
 
 class GlobalBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm (1-d or 2-d) whose training statistics are those of the global batch across all ranks.
-
-    Same parameters and buffers as nn.BatchNorm1d/2d, so state dicts, the weight-decay exclusions and eval mode
-    are unchanged; with one process (or in eval mode) it is exactly BatchNorm. Mean and variance are computed in
-    two passes in fp32 and summed across ranks with a differentiable all-reduce, so the gradients are those of
-    the global batch.
-    """
+    """BatchNorm1d/2d (same parameters and buffers) with training statistics over all ranks, in fp32 and through a
+    differentiable all-reduce so the gradients are global too; with one process or in eval mode, exactly BatchNorm."""
 
     def _check_input_dim(self, input: torch.Tensor) -> None:
         if input.dim() not in (2, 3, 4):
             raise ValueError(f"expected 2-D, 3-D or 4-D input, got {input.dim()}-D")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        if not (self.training and _active()):
             return super().forward(input)
         self._check_input_dim(input)
         x = input.float()
@@ -175,49 +159,36 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def _all_reduce_scalar(value: float, device: torch.device, op: dist.ReduceOp, dtype: torch.dtype | None = None):
+    tensor = torch.tensor(value, dtype=dtype, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.item()
+
+
 def min_over_ranks(value: int, device: torch.device) -> int:
     """The smallest of an integer over ranks (a collective), e.g. so every rank trains the same number of epochs."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    tensor = torch.tensor(value, dtype=torch.int64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
-    return int(tensor.item())
+    return int(_all_reduce_scalar(value, device, dist.ReduceOp.MIN, torch.int64)) if _active() else value
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True if `flag` is true on any rank (a collective: every rank must call it at the same point)."""
+    return bool(_all_reduce_scalar(float(flag), device, dist.ReduceOp.MAX)) if _active() else flag
 
 
 def barrier() -> None:
     """Wait for every rank (a no-op with one process)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _active():
         dist.barrier()
 
 
 def broadcast_object(value: object) -> object:
     """Rank 0's `value` on every rank (e.g. the run folder's name)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    if _active():
+        dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def shard(batch: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """This rank's contiguous slice of a global batch (its rows rank * n .. (rank + 1) * n)."""
-    n = batch.shape[0] // info.world_size
-    return batch[info.rank * n:(info.rank + 1) * n]
 
 
 def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
     """The average of a (detached) tensor over ranks; unchanged with one process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    value = value.clone()
-    dist.all_reduce(value)
-    return value / dist.get_world_size()
-
-
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True if `flag` is true on any rank (a collective: every rank must call it at the same point)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return _summed(value) / dist.get_world_size() if _active() else value

@@ -3,33 +3,29 @@ semi-supervised protocol (fine-tuning on a label fraction, against the same netw
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .augment import SimCLRAugment, to_unit_float
-from .data import ImageData, balanced_indices
+from .augment import SimCLRAugment, normalize
+from .data import DatasetSplits, ImageData, balanced_indices
 from .errors import UserError
 from .models import SimCLR
 from .optim import WarmupCosineSchedule, param_groups
+from .runtime import autocast, on_device, step_seed, to_layout
 
+if TYPE_CHECKING:  # config imports models, which this module needs at run time
+    from .config import Config
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (BatchNorm and reductions stay fp32 under autocast); nothing elsewhere."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def channels_last(device: torch.device) -> bool:
-    """Whether to run convolutions in NHWC layout: faster on CUDA (tensor cores) and on CPU (oneDNN), ~1.5x."""
-    return device.type in ("cuda", "cpu")
+# Settings of the linear probe and of fine-tuning that are not in the config (the protocols state them).
+PROBE_BATCH_SIZE = 512
+FINETUNE_WEIGHT_DECAY = 5e-4
+FINETUNE_CROP = (0.2, 1.0)
 
 
 @torch.no_grad()
@@ -46,9 +42,7 @@ def extract_features(model: SimCLR, images: torch.Tensor, batch_size: int = 512,
     try:
         chunks = []
         for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size].to(device, non_blocking=True)
-            if channels_last(device):
-                batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = to_layout(images[start:start + batch_size].to(device, non_blocking=True), device)
             with autocast(device):
                 chunks.append(model.encode(batch).float())
         return torch.cat(chunks)
@@ -76,22 +70,17 @@ def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Te
 def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
                  num_classes: int, k: int = 200, temperature: float = 0.1) -> float:
     """Top-1 accuracy in percent of `knn_predict`."""
-    pred = knn_predict(bank, bank_labels, queries, num_classes, k, temperature)
-    return 100.0 * (pred.cpu() == query_labels.cpu()).float().mean().item()
+    return top1(knn_predict(bank, bank_labels, queries, num_classes, k, temperature), query_labels)
 
 
 def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_features: torch.Tensor,
                  test_labels: torch.Tensor, num_classes: int, epochs: int = 100, lr: float = 0.1,
-                 batch_size: int = 512, weight_decay: float = 0.0, seed: int = 0,
+                 batch_size: int = PROBE_BATCH_SIZE, weight_decay: float = 0.0, seed: int = 0,
                  progress: bool = False) -> dict[str, Any]:
-    """Train a linear classifier on frozen, precomputed features; report train and test top-1 in percent.
-
-    The paper's protocol: SGD with Nesterov momentum 0.9, cosine decay stepped per iteration, no
-    augmentation. Features are standardised with the training set's mean and std first (a fixed affine map,
-    so the classifier stays linear in h) to make one learning rate work for every encoder. The reported
-    accuracy is the last epoch's; nothing is chosen on the test set. Also returned: test accuracy per class
-    and the test confusion matrix (rows = true class, columns = predicted), as lists.
-    """
+    """A linear classifier on frozen, precomputed features (SGD + Nesterov 0.9, cosine per step, no augmentation):
+    train and test top-1 in percent of the last epoch, test accuracy per class and the confusion matrix. Features
+    are standardised with the train set's statistics first (an affine map, so the classifier stays linear in h),
+    so one learning rate works for every encoder."""
     device = train_features.device
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
     x_train, x_test = (train_features - mean) / std, (test_features.to(device) - mean) / std
@@ -118,17 +107,19 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
             optimizer.step()
             schedule.step()
     with torch.no_grad():
-        train_top1 = (classifier(x_train).argmax(1) == y_train).float().mean().item() * 100
-        test_pred = classifier(x_test).argmax(1).cpu()
-        test_top1 = (test_pred == test_labels.cpu()).float().mean().item() * 100
-    return {"top1": test_top1, "train_top1": train_top1,
-            "per_class": per_class_accuracy(test_pred, test_labels, num_classes),
-            "confusion": confusion_matrix(test_pred, test_labels, num_classes).tolist()}
+        train_pred, test_pred = classifier(x_train).argmax(1), classifier(x_test).argmax(1)
+    return {**classification_metrics(test_pred, test_labels, num_classes), "train_top1": top1(train_pred, y_train)}
 
 
-# --------------------------------------------------------------------------------------------------
-# Per-class metrics
-# --------------------------------------------------------------------------------------------------
+def top1(predictions: torch.Tensor, labels: torch.Tensor) -> float:
+    """Top-1 accuracy in percent."""
+    return 100.0 * (predictions.cpu() == labels.cpu()).float().mean().item()
+
+
+def classification_metrics(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, Any]:
+    """top1, per_class (percent) and the confusion matrix (a list of rows) of test-set predictions."""
+    return {"top1": top1(predictions, labels), "per_class": per_class_accuracy(predictions, labels, num_classes),
+            "confusion": confusion_matrix(predictions, labels, num_classes).tolist()}
 
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
@@ -152,11 +143,6 @@ def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_clas
     return per_class.tolist()
 
 
-# --------------------------------------------------------------------------------------------------
-# Semi-supervised protocol: fine-tuning on a label fraction, and the supervised baseline
-# --------------------------------------------------------------------------------------------------
-
-
 def label_fraction_indices(labels: torch.Tensor, percent: float, seed: int = 0) -> torch.Tensor:
     """Sorted indices of a class-balanced `percent` % of a labelled set (at least one per class), fixed by seed."""
     if (labels < 0).any():
@@ -169,21 +155,14 @@ def label_fraction_indices(labels: torch.Tensor, percent: float, seed: int = 0) 
     return balanced_indices(labels, n, seed)
 
 
-def _normalize(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> the normalised float input of the encoder (mean, std of shape (1, 3, 1, 1))."""
-    return (to_unit_float(images) - mean) / std
-
-
 @torch.no_grad()
-def _predict(network: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor,
+def _predict(network: nn.Module, images: torch.Tensor, mean: Sequence[float], std: Sequence[float],
              device: torch.device, batch_size: int = 512) -> torch.Tensor:
     """Predicted classes (CPU int64) of uint8 images, with `network` in eval mode and no augmentation."""
     network.eval()
     predictions = []
     for start in range(0, len(images), batch_size):
-        x = _normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std)
-        if channels_last(device):
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_layout(normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std), device)
         with autocast(device):
             predictions.append(network(x).argmax(dim=1).cpu())
     return torch.cat(predictions)
@@ -191,22 +170,13 @@ def _predict(network: nn.Module, images: torch.Tensor, mean: torch.Tensor, std: 
 
 def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, test: ImageData, num_classes: int,
                      mean: Sequence[float], std: Sequence[float], epochs: int = 30, batch_size: int = 256,
-                     lr: float = 0.05, weight_decay: float = 5e-4, crop_scale: tuple[float, float] = (0.2, 1.0),
+                     lr: float = 0.05, weight_decay: float = FINETUNE_WEIGHT_DECAY,
+                     crop_scale: tuple[float, float] = FINETUNE_CROP,
                      device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
                      desc: str = "fine-tune") -> dict[str, Any]:
-    """Train encoder + a new linear head end to end on `train` with light augmentation; evaluate on all of `test`.
-
-    Every weight is trained (unlike the linear probe) with SGD + Nesterov momentum, a cosine schedule stepped
-    per iteration and no weight decay on BatchNorm parameters and biases. Augmentation is crop-and-resize +
-    flip only. A copy of `encoder` is trained, so the caller's module is left as it was. The test set is used
-    once, after the last epoch: nothing is chosen on it.
-
-    Returns top1 / train_top1 (percent; train = the labelled images, un-augmented), per_class, confusion
-    (rows = true class), epochs, steps, labelled_images and train_loss (mean loss of the last epoch).
-    """
-    # (train imports this module, so its seeding rule is imported here, when the function runs.)
-    from .train import step_seed
-
+    """Train a copy of `encoder` + a new linear head end to end on `train` (crop + flip; SGD + Nesterov, cosine,
+    no weight decay on BatchNorm and biases), then evaluate on all of `test` once: test_metrics, train_top1 (the
+    labelled images, un-augmented), epochs, steps, labelled_images and train_loss (mean of the last epoch)."""
     if len(train) < 2:
         raise UserError(f"fine-tuning needs at least 2 labelled images (BatchNorm in train mode), got {len(train)}")
     device = torch.device(device)
@@ -215,11 +185,7 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
     with torch.random.fork_rng(devices=[]):  # a seeded head that leaves the caller's global RNG alone
         torch.manual_seed(seed)
         head = nn.Linear(feature_dim, num_classes)
-    network = nn.Sequential(encoder, head).to(device).requires_grad_(True)  # every weight trains, even frozen ones
-    if channels_last(device):
-        network = network.to(memory_format=torch.channels_last)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
+    network = on_device(nn.Sequential(encoder, head), device).requires_grad_(True)  # every weight trains
 
     n = len(train)
     batch_size = min(batch_size, n)
@@ -230,8 +196,6 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
     schedule = WarmupCosineSchedule(optimizer, total_steps, warmup_steps=0)
     augment = SimCLRAugment(image_size=train.image_size, crop_scale=crop_scale, color_prob=0.0, gray_prob=0.0,
                             blur_prob=0.0, mean=tuple(mean), std=tuple(std)).to(device)
-    mean_t = torch.as_tensor(mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std_t = torch.as_tensor(std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 
     # The labelled set is small: keep it on the device as uint8 and augment there, batch by batch.
     images, labels = train.images.to(device), train.labels.to(device)
@@ -250,9 +214,7 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
             idx = order[i * batch_size:(i + 1) * batch_size]
             # Seeding every step from (seed, epoch, step) makes each view reproducible on its own.
             generator.manual_seed(step_seed(seed, epoch, i))
-            views = augment(images[idx], generator)
-            if channels_last(device):
-                views = views.contiguous(memory_format=torch.channels_last)
+            views = to_layout(augment(images[idx], generator), device)
             with autocast(device):
                 logits = network(views)
             loss = F.cross_entropy(logits.float(), labels[idx])
@@ -264,26 +226,17 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
         if progress:
             epochs_iter.set_postfix(loss=f"{(loss_sum / steps_per_epoch).item():.3f}")
 
-    test_pred = _predict(network, test.images, mean_t, std_t, device)
-    train_pred = _predict(network, train.images, mean_t, std_t, device)
-    return {
-        "top1": 100.0 * (test_pred == test.labels.cpu()).float().mean().item(),
-        "train_top1": 100.0 * (train_pred == train.labels.cpu()).float().mean().item(),
-        "per_class": per_class_accuracy(test_pred, test.labels, num_classes),
-        "confusion": confusion_matrix(test_pred, test.labels, num_classes).tolist(),
-        "epochs": epochs,
-        "steps": total_steps,
-        "labelled_images": n,
-        "train_loss": (loss_sum / max(1, steps_per_epoch)).item() if epochs else float("nan"),
-    }
+    test_pred = _predict(network, test.images, mean, std, device)
+    train_pred = _predict(network, train.images, mean, std, device)
+    return {**classification_metrics(test_pred, test.labels, num_classes),
+            "train_top1": top1(train_pred, train.labels),
+            "epochs": epochs, "steps": total_steps, "labelled_images": n,
+            "train_loss": (loss_sum / max(1, steps_per_epoch)).item() if epochs else float("nan")}
 
 
 def finetune(model: SimCLR, train: ImageData, test: ImageData, num_classes: int, **kwargs: Any) -> dict[str, Any]:
-    """Fine-tune a copy of a pretrained SimCLR encoder on a labelled subset (the paper's semi-supervised protocol).
-
-    The projection head is not used (SimCLR v1 fine-tunes the encoder alone). `kwargs` go to
-    `train_classifier`; `mean` and `std` default to the model's own normalisation.
-    """
+    """The paper's semi-supervised protocol: fine-tune a copy of the encoder (without the projection head, as in
+    SimCLR v1) on a labelled subset; `kwargs` go to `train_classifier`, mean/std default to the model's."""
     kwargs.setdefault("mean", model.arch["mean"])
     kwargs.setdefault("std", model.arch["std"])
     return train_classifier(model.encoder, model.feature_dim, train, test, num_classes, **kwargs)
@@ -291,11 +244,7 @@ def finetune(model: SimCLR, train: ImageData, test: ImageData, num_classes: int,
 
 def supervised_baseline(model: SimCLR, train: ImageData, test: ImageData, num_classes: int,
                         **kwargs: Any) -> dict[str, Any]:
-    """The same backbone trained from scratch with the same budget: `model`'s architecture re-initialised.
-
-    Only the architecture is taken from `model` (its weights are not used); pass the same `kwargs` as to
-    `finetune` so the two differ in nothing but the starting point.
-    """
+    """The same architecture trained from scratch with the same `kwargs` as `finetune`: only the start differs."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(kwargs.get("seed", 0))
         fresh = SimCLR(**model.arch)
@@ -303,3 +252,19 @@ def supervised_baseline(model: SimCLR, train: ImageData, test: ImageData, num_cl
     kwargs.setdefault("std", model.arch["std"])
     kwargs.setdefault("desc", "supervised")
     return train_classifier(fresh.encoder, fresh.feature_dim, train, test, num_classes, **kwargs)
+
+
+def protocols(config: Config, splits: DatasetSplits) -> dict[str, str]:
+    """How each number was measured, in words, from the settings actually used."""
+    n_train = len(splits.train)
+    return {
+        "split": f"full {splits.name} test set ({len(splits.test)} images)",
+        "knn": f"weighted kNN (k={config.knn_k}, T={config.knn_temperature}, cosine) on frozen eval-mode "
+               f"features; bank: the full train set ({n_train} images)",
+        "linear": f"linear classifier on frozen, standardised eval-mode features of the full train set ({n_train} "
+                  f"images); SGD + Nesterov 0.9, lr {config.probe_lr}, cosine per step, batch {PROBE_BATCH_SIZE}, "
+                  f"{config.probe_epochs} epochs, no augmentation; last epoch reported",
+        "finetune": f"crop ({FINETUNE_CROP[0]}-{FINETUNE_CROP[1]}) + flip; SGD + Nesterov 0.9, lr "
+                    f"{config.finetune_lr}, wd {FINETUNE_WEIGHT_DECAY}, cosine per step, {config.finetune_epochs} "
+                    "epochs; last epoch reported",
+    }

@@ -10,12 +10,10 @@ from .distributed import gather_with_grad
 
 
 def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
-    """Mean NT-Xent loss over all 2N anchors of two views; z1[i] and z2[i] are a positive pair.
+    """Mean NT-Xent loss over all 2N anchors of two views; z1[i] and z2[i] (raw projections, (N, D)) are a pair.
 
-    Inputs are raw projections (N, D); they are L2-normalised here. Each anchor's candidates are the
-    other 2N - 1 embeddings (its positive included, itself excluded), so the loss is a (2N-1)-way
-    cross-entropy. The similarity logits are computed in fp32 whatever the autocast dtype, because
-    exp(s / T) overflows fp16 for small T; cross_entropy uses log-sum-exp so nothing overflows.
+    Each anchor's candidates are the other 2N - 1 embeddings, L2-normalised: a (2N-1)-way cross-entropy. Logits
+    are fp32 whatever the autocast dtype (exp(s / T) overflows fp16 for small T; cross_entropy uses log-sum-exp).
     Under torch.distributed (world size > 1) z1, z2 are this rank's rows and the negatives come from every rank.
     """
     if z1.shape != z2.shape or z1.dim() != 2:
@@ -38,12 +36,9 @@ def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -
 
 
 def _nt_xent_distributed(z1: torch.Tensor, z2: torch.Tensor, temperature: float) -> torch.Tensor:
-    """NT-Xent of this rank's 2n anchors against the candidates of every rank (2N = world * 2n columns).
-
-    The candidate columns are laid out as in one process on the global batch (all first views in rank order,
-    then all second views), so anchor (rank r, row i) has itself at column r n + i (or N + r n + i) and its
-    positive N columns away. Averaged over ranks (DDP averages the gradients), this is the global-batch loss.
-    """
+    """NT-Xent of this rank's 2n anchors against every rank's candidates, laid out as in one process on the global
+    batch (all first views in rank order, then all second views): anchor (rank r, row i) is itself at column
+    r n + i (or N + r n + i), its positive N columns away. Averaged over ranks (as DDP does), the global loss."""
     n = z1.shape[0]
     rank = dist.get_rank()
     a, b = F.normalize(z1.float(), dim=1), F.normalize(z2.float(), dim=1)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torchvision
 from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
-from .augment import to_unit_float
-from .checkpoints import resolve_checkpoint
+from .augment import normalize
+from .checkpoints import read_model_checkpoint
 from .data import CIFAR10_MEAN, CIFAR10_STD
 from .errors import UserError
+
+if TYPE_CHECKING:  # config imports this module (for BACKBONES)
+    from .config import Config
 
 BACKBONES = ("resnet18", "resnet50")
 
@@ -26,10 +30,8 @@ class _NarrowResNet(ResNet):
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        for i, blocks in enumerate(layers):
+            setattr(self, f"layer{i + 1}", self._make_layer(block, width * 2**i, blocks, stride=1 if i == 0 else 2))
         self.fc = nn.Linear(width * 8 * block.expansion, 1000)
         for m in self.modules():  # the same initialisation torchvision applies
             if isinstance(m, nn.Conv2d):
@@ -37,12 +39,10 @@ class _NarrowResNet(ResNet):
 
 
 def resnet_encoder(backbone: str = "resnet18", cifar_stem: bool = True, width: int = 64) -> nn.Module:
-    """A torchvision ResNet-18/50 without its fc layer, optionally with the CIFAR stem.
+    """A torchvision ResNet-18/50 without its fc layer, giving h (B, 512) / (B, 2048) at width 64.
 
-    The CIFAR stem (paper, Appendix B.9) replaces the 7x7 stride-2 conv1 with a 3x3 stride-1 conv and drops
-    the max-pool, so a 32x32 image is not shrunk to 8x8 before the first residual stage. Turn it off for
-    large images (STL-10 at 96 px still benefits from it; ImageNet-size images do not).
-    The output is the representation h: (B, 512) for ResNet-18 and (B, 2048) for ResNet-50 at width 64.
+    The CIFAR stem (paper, Appendix B.9: a 3x3 stride-1 conv1, no max-pool) keeps a 32x32 image from shrinking
+    to 8x8 before the first residual stage; it suits STL-10's 96 px too, not ImageNet-size images.
     """
     if backbone not in BACKBONES:
         raise UserError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
@@ -68,11 +68,9 @@ class ProjectionHead(nn.Module):
     def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int = 128, batch_norm: bool = False):
         super().__init__()
         hidden_dim = hidden_dim or in_dim
-        layers: list[nn.Module] = [nn.Linear(in_dim, hidden_dim, bias=not batch_norm)]
-        if batch_norm:
-            layers.append(nn.BatchNorm1d(hidden_dim))
-        layers += [nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim)]
-        self.net = nn.Sequential(*layers)
+        norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []  # no bias before a BatchNorm: it would cancel
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=not batch_norm), *norm, nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, out_dim))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Project representations (B, in_dim) to (B, out_dim)."""
@@ -82,17 +80,9 @@ class ProjectionHead(nn.Module):
 class SimCLR(nn.Module):
     """Encoder f(.) + projection head g(.); `forward` gives z for the loss, `encode` gives h for evaluation."""
 
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        cifar_stem: bool = True,
-        width: int = 64,
-        proj_hidden_dim: int | None = None,
-        proj_dim: int = 128,
-        proj_batch_norm: bool = False,
-        mean: tuple[float, float, float] = CIFAR10_MEAN,
-        std: tuple[float, float, float] = CIFAR10_STD,
-    ) -> None:
+    def __init__(self, backbone: str = "resnet18", cifar_stem: bool = True, width: int = 64,
+                 proj_hidden_dim: int | None = None, proj_dim: int = 128, proj_batch_norm: bool = False,
+                 mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD) -> None:
         super().__init__()
         self.arch = dict(backbone=backbone, cifar_stem=cifar_stem, width=width, proj_hidden_dim=proj_hidden_dim,
                          proj_dim=proj_dim, proj_batch_norm=proj_batch_norm, mean=tuple(mean), std=tuple(std))
@@ -104,28 +94,17 @@ class SimCLR(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, views: torch.Tensor) -> torch.Tensor:
-        """Projections z (B, proj_dim) of already augmented and normalised views."""
+        """Projections z (B, proj_dim) of views that `SimCLRAugment` made (already normalised)."""
         return self.projector(self.encoder(views))
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 or [0, 1] float images -> the normalised float input the encoder expects."""
-        return (to_unit_float(images) - self.mean) / self.std
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Representations h (B, feature_dim) of raw uint8 or [0, 1] float images (normalised here)."""
-        return self.encoder(self.normalize(images))
+        return self.encoder(normalize(images, self.mean, self.std))
 
     @classmethod
-    def from_checkpoint(cls, source: str | Path, map_location: str | torch.device = "cpu",
-                        sha256: str | None = None) -> SimCLR:
-        """Rebuild a model from a checkpoint of `simclr_lib.train`: a run folder, a .pt file or an http(s)/file URL."""
-        path = resolve_checkpoint(source, sha256=sha256)
-        try:
-            state = torch.load(path, map_location=map_location, weights_only=True)
-        except Exception as exc:  # a truncated or foreign file: say so in one line
-            raise UserError(f"cannot read checkpoint {path}: {exc.__class__.__name__}: {exc}") from None
-        if not isinstance(state, dict) or "arch" not in state or "model" not in state:
-            raise UserError(f"{path} is not a SimCLR checkpoint of this project (no 'arch'/'model' entries)")
+    def from_checkpoint(cls, source: str | Path, sha256: str | None = None) -> SimCLR:
+        """Rebuild a trained model from a run folder, a checkpoint file or an http(s)/file URL of one (on the CPU)."""
+        path, state = read_model_checkpoint(source, sha256)
         model = cls(**state["arch"])
         load_model_state(model, state["model"], source=str(path))
         return model
@@ -143,20 +122,12 @@ def load_model_state(model: nn.Module, state: dict, source: str) -> None:
     model.load_state_dict(state)
 
 
-def build_model(config: dict, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> SimCLR:
-    """The SimCLR model a config describes; seeded by config['seed'] so the random init is reproducible."""
+def build_model(config: Config, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> SimCLR:
+    """The SimCLR model a config describes; seeded by config.seed so the random init is reproducible."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config["seed"])
-        return SimCLR(
-            backbone=config["backbone"],
-            cifar_stem=config["cifar_stem"],
-            width=config["width"],
-            proj_hidden_dim=config["proj_hidden_dim"],
-            proj_dim=config["proj_dim"],
-            proj_batch_norm=config["proj_batch_norm"],
-            mean=mean,
-            std=std,
-        )
+        torch.manual_seed(config.seed)
+        return SimCLR(config.backbone, config.cifar_stem, config.width, config.proj_hidden_dim, config.proj_dim,
+                      config.proj_batch_norm, mean, std)
 
 
 @torch.no_grad()

@@ -7,12 +7,12 @@ from typing import Any
 
 import torch
 
+from .config import make_config
+from .runtime import device_description, resolve_device
+
 
 def project_root(start: str | Path | None = None) -> Path:
-    """The project folder (the one holding pyproject.toml and simclr_lib/), found upwards from `start` or the cwd.
-
-    Notebooks live in notebooks/ and run.ipynb at the root; either way data/ and runs/ resolve to the same folders.
-    """
+    """The folder holding pyproject.toml and simclr_lib/, upwards from `start` or the cwd (notebooks/ or the root)."""
     here = Path(start or Path.cwd()).resolve()
     for folder in (here, *here.parents):
         if (folder / "pyproject.toml").is_file() and (folder / "simclr_lib").is_dir():
@@ -28,8 +28,6 @@ def default_paths() -> tuple[Path, Path]:
 
 def use_device(name: str = "auto") -> torch.device:
     """Resolve "auto"/"cpu"/"cuda"/"mps" and print what will be used."""
-    from .train import device_description, resolve_device
-
     device = resolve_device(name)
     print(f"device: {device} ({device_description(device)})")
     return device
@@ -42,13 +40,9 @@ SMOKE_OVERRIDES: dict[str, Any] = dict(train_subset=512, epochs=1, batch_size=12
 
 def ensure_trained_run(run_dir: str | Path | None, data_root: str | Path, device: str = "auto", smoke: bool = False,
                        preset: str = "quick", **overrides: Any) -> Path:
-    """A run folder holding a trained checkpoint: `run_dir` if it has one, else a new run trained now (it says so).
-
-    With smoke=True the new run is tiny (SMOKE_OVERRIDES: one short epoch on 512 images), for CI and quick looks.
-    """
-    from .config import make_config
-    from .pipeline import new_run_dir, run
-
+    """`run_dir` if it holds a trained checkpoint, else a run trained now (it says so); with smoke=True a tiny one
+    (SMOKE_OVERRIDES: one short epoch on 512 images), for CI and quick looks."""
+    from .jobs import new_run_dir, run  # here: the training stack loads only when a run must be trained
     if run_dir is not None and (Path(run_dir) / "checkpoint.pt").is_file():
         print(f"using the trained run in {run_dir}")
         return Path(run_dir)
@@ -57,5 +51,4 @@ def ensure_trained_run(run_dir: str | Path | None, data_root: str | Path, device
           f"({settings.get('epochs', 'preset')} epochs) ...")
     if run_dir is None or Path(run_dir).exists():  # never write into a folder the user already has
         run_dir = new_run_dir(None, "smoke" if smoke else preset, runs_root=default_paths()[1])
-    summary = run(make_config(preset, **settings), out=run_dir)
-    return Path(summary["run_dir"])
+    return Path(run(make_config(preset, **settings), out=run_dir)["run_dir"])

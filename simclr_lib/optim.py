@@ -33,31 +33,24 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
                 continue
             is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
             (exclude if is_norm or name == "bias" else decay).append(p)
-    return [
-        {"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-        {"params": exclude, "weight_decay": 0.0, "lars_exclude": True},
-    ]
+    return [{"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
+            {"params": exclude, "weight_decay": 0.0, "lars_exclude": True}]
 
 
 class LARS(torch.optim.Optimizer):
-    """Layer-wise Adaptive Rate Scaling (You et al. 2017) as SimCLR uses it: SGD with momentum whose update of
-    each weight tensor is scaled by trust = eta * ||w|| / ||g + wd * w||. Groups with `lars_exclude=True`
-    (BatchNorm and biases) get plain momentum SGD with no weight decay and no adaptation.
-    """
+    """LARS (You et al. 2017) as SimCLR uses it: momentum SGD with each weight tensor's update scaled by
+    eta * ||w|| / ||g + wd * w||; `lars_exclude=True` groups (BatchNorm, biases) get plain momentum SGD."""
 
     def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False)
-        super().__init__(params, defaults)
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
 
     @torch.no_grad()
     def step(self, closure=None):
         """One update with multi-tensor (foreach) kernels; trust ratios stay on the device (no host sync)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -72,14 +65,14 @@ class LARS(torch.optim.Optimizer):
                 trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
                                     torch.ones_like(w_norm))
                 grads = torch._foreach_mul(grads, list(trust.unbind()))
-            fresh = [i for i, p in enumerate(params) if "momentum_buffer" not in self.state[p]]
-            for i in fresh:
-                self.state[params[i]]["momentum_buffer"] = torch.clone(grads[i]).detach()
-            old = sorted(set(range(len(params))) - set(fresh))
+            old = [i for i, p in enumerate(params) if "momentum_buffer" in self.state[p]]
             if old:
                 buffers = [self.state[params[i]]["momentum_buffer"] for i in old]
                 torch._foreach_mul_(buffers, group["momentum"])
                 torch._foreach_add_(buffers, [grads[i] for i in old])
+            for p, g in zip(params, grads):
+                if "momentum_buffer" not in self.state[p]:  # the first step's buffer is the update itself
+                    self.state[p]["momentum_buffer"] = torch.clone(g).detach()
             torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
         return loss
 
@@ -97,33 +90,23 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_fraction: float = 0.0) -> float:
-    """The learning-rate multiplier at `step`: linear warmup to 1, then cosine decay to `final_fraction`.
-
-    Step 0 already trains with 1/warmup of the rate (never 0); the last step (total_steps - 1) gets exactly
-    `final_fraction`.
-    """
+    """The lr multiplier at `step`: linear warmup to 1 (step 0 gets 1/warmup, never 0), then cosine decay to
+    exactly `final_fraction` at the last step (total_steps - 1)."""
     if step < warmup_steps:
         return (step + 1) / warmup_steps
-    decay_steps = max(1, total_steps - 1 - warmup_steps)
-    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
     return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 class WarmupCosineSchedule:
-    """Per-iteration schedule: call `step()` after every optimiser step; it sets each group's lr for the next one.
-
-    Stepping per iteration over the real number of steps is the point: a CosineAnnealingLR built with
-    T_max = steps per epoch but stepped once per epoch (a common bug) never decays over a long run.
-    """
+    """Per-iteration schedule: `step()` after every optimiser step sets each group's lr for the next one (unlike
+    the common bug of a CosineAnnealingLR with T_max = steps per epoch stepped once per epoch, which never decays)."""
 
     def __init__(self, optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0,
                  final_fraction: float = 0.0) -> None:
-        self.optimizer = optimizer
-        self.total_steps = total_steps
-        self.warmup_steps = warmup_steps
-        self.final_fraction = final_fraction
+        self.optimizer, self.total_steps, self.warmup_steps = optimizer, total_steps, warmup_steps
+        self.final_fraction, self.last_step = final_fraction, 0
         self.base_lrs = [g.setdefault("initial_lr", g["lr"]) for g in optimizer.param_groups]
-        self.last_step = 0
         self._apply()
 
     def _apply(self) -> None:
@@ -136,17 +119,11 @@ class WarmupCosineSchedule:
         self.last_step += 1
         self._apply()
 
-    def get_last_lr(self) -> list[float]:
-        """The learning rates the next optimiser step will use."""
-        return [g["lr"] for g in self.optimizer.param_groups]
-
     def state_dict(self) -> dict:
         """Everything needed to resume."""
-        return {k: getattr(self, k) for k in ("total_steps", "warmup_steps", "final_fraction", "base_lrs",
-                                               "last_step")}
+        return {k: getattr(self, k) for k in ("total_steps", "warmup_steps", "final_fraction", "base_lrs", "last_step")}
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from `state_dict()`."""
-        for k, v in state.items():
-            setattr(self, k, v)
+        self.__dict__.update(state)
         self._apply()

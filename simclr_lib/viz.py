@@ -12,9 +12,51 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
+from .augment import SimCLRAugment, to_unit_float
+from .data import CIFAR10_MEAN, CIFAR10_STD
+
 # Titles in plot_retrieval: a neighbour of the query's class, and one of another class.
 MATCH_COLOUR = "tab:green"
 MISMATCH_COLOUR = "tab:red"
+
+
+def _tidy(fig: Figure, *axes: Any, legend: bool = False) -> Figure:
+    """A light grid (and a legend) on `axes`, then a tight layout: every figure's last step."""
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        if legend:
+            ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def _denormalize(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    """Normalised images back to [0, 1] for display (the inverse of augment.normalize)."""
+    images = images.detach().float().cpu()
+    mean, std = (torch.as_tensor(v, dtype=torch.float32).cpu().reshape(1, 3, 1, 1) for v in (mean, std))
+    return (images * std + mean).clamp(0, 1)
+
+
+def _as_rgb(image: torch.Tensor) -> np.ndarray:
+    """One (3, H, W) uint8 or [0, 1] float image as an (H, W, 3) array imshow understands."""
+    return to_unit_float(image.detach().cpu()).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def _no_ticks(axes: Any) -> None:
+    for ax in np.ravel(axes):
+        ax.set(xticks=[], yticks=[])
+
+
+def _to_numpy(values: Any) -> np.ndarray:
+    """A tensor (on any device), list or array as a NumPy array."""
+    return np.asarray(values.detach().cpu() if isinstance(values, torch.Tensor) else values)
+
+
+def _view_rows(originals: torch.Tensor, views: torch.Tensor, mean, std) -> torch.Tensor:
+    """Rows [original, its views...] as [0, 1] images, flattened for show_images; `views` is (B, n, 3, H, W)."""
+    originals = torch.nn.functional.interpolate(to_unit_float(originals.cpu()), size=views.shape[-1])
+    return torch.cat([originals[:, None], _denormalize(views.flatten(0, 1), mean, std).unflatten(0, views.shape[:2])],
+                     dim=1).flatten(0, 1)
 
 
 def save_figure(fig: Figure, path: str | Path) -> Path:
@@ -29,8 +71,7 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 def plot_training_curves(records: list[dict[str, Any]]) -> Figure:
     """Loss per logged step, learning rate, and the kNN monitor per epoch, from metrics.jsonl records."""
     steps = [r for r in records if r.get("kind") == "step"]
-    epochs = [r for r in records if r.get("kind") == "epoch"]
-    knn = [r for r in epochs if "knn_monitor_top1" in r]
+    knn = [r for r in records if r.get("kind") == "epoch" and "knn_monitor_top1" in r]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
     axes[0].set(title="NT-Xent loss", xlabel="step", ylabel="loss (mean over logged steps)")
@@ -38,73 +79,41 @@ def plot_training_curves(records: list[dict[str, Any]]) -> Figure:
     axes[1].set(title="learning rate (warmup + cosine, per step)", xlabel="step", ylabel="lr")
     axes[2].plot([r["epoch"] for r in knn], [r["knn_monitor_top1"] for r in knn], marker="o", color="tab:green")
     axes[2].set(title="kNN monitor (subset)", xlabel="epoch", ylabel="top-1 (%)")
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _tidy(fig, *axes)
 
 
 def show_images(images: torch.Tensor, mean=None, std=None, nrow: int = 8, title: str | None = None,
                 row_labels: list[str] | None = None) -> Figure:
     """A grid of images (uint8, [0, 1] float, or normalised float when mean/std are given)."""
-    images = images.detach().cpu()
-    if images.dtype == torch.uint8:
-        images = images.float() / 255
-    elif mean is not None:
-        images = images * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)
-    images = images.clamp(0, 1)
+    if mean is not None and images.dtype != torch.uint8:
+        images = _denormalize(images, mean, std)
     rows = (len(images) + nrow - 1) // nrow
     fig, axes = plt.subplots(rows, nrow, figsize=(1.3 * nrow, 1.3 * rows + (0.4 if title else 0)), squeeze=False)
+    _no_ticks(axes)
     for i, ax in enumerate(axes.flat):
-        ax.set_xticks([])
-        ax.set_yticks([])
         if i < len(images):
-            ax.imshow(images[i].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.imshow(_as_rgb(images[i]), interpolation="nearest")
         else:
             ax.axis("off")
-    if row_labels:
-        for r, label in enumerate(row_labels[:rows]):
-            axes[r, 0].set_ylabel(label, fontsize=9)
+    for r, label in enumerate((row_labels or [])[:rows]):
+        axes[r, 0].set_ylabel(label, fontsize=9)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
-    return fig
+    return _tidy(fig)
 
 
 def plot_augmentation_grid(images: torch.Tensor, augment, n_views: int = 6, seed: int = 0,
                            title: str = "original, then independent augmented views") -> Figure:
     """Each row: an original image, then `n_views` independent SimCLR views of it."""
-    from .augment import to_unit_float
-
     generator = torch.Generator().manual_seed(seed)
-    originals = images.cpu()
-    views = [augment(originals, generator) for _ in range(n_views)]
-    mean, std = augment.mean.cpu().flatten().tolist(), augment.std.cpu().flatten().tolist()
-    originals = torch.nn.functional.interpolate(to_unit_float(originals), size=views[0].shape[-1])
-    grid = torch.stack([originals] + [_denormalize(v, mean, std) for v in views], dim=1).flatten(0, 1)
-    return show_images(grid, nrow=n_views + 1, title=title)
-
-
-def _to_numpy(values: Any) -> np.ndarray:
-    """A tensor, list or array as a NumPy array (tensors may live on any device)."""
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().numpy()
-    return np.asarray(values)
-
-
-def _as_rgb(image: torch.Tensor) -> np.ndarray:
-    """One (3, H, W) uint8 or [0, 1] float image as an (H, W, 3) array imshow understands."""
-    image = image.detach().cpu()
-    image = image.float() / 255 if image.dtype == torch.uint8 else image.float()
-    return image.clamp(0, 1).permute(1, 2, 0).numpy()
+    views = torch.stack([augment(images.cpu(), generator) for _ in range(n_views)], dim=1)
+    return show_images(_view_rows(images, views, augment.mean, augment.std), nrow=n_views + 1, title=title)
 
 
 def class_colours(n: int) -> list[Any]:
     """n distinguishable colours from a qualitative palette (tab10, tab20, then evenly spaced hues)."""
-    if n <= 10:
-        return list(plt.get_cmap("tab10").colors[:n])
     if n <= 20:
-        return list(plt.get_cmap("tab20").colors[:n])
+        return list(plt.get_cmap("tab10" if n <= 10 else "tab20").colors[:n])
     # Beyond 20 classes (CIFAR-100) no qualitative palette is long enough; spread hues evenly instead.
     return [plt.get_cmap("hsv")(i / n) for i in range(n)]
 
@@ -135,20 +144,16 @@ def tsne_embedding(features: torch.Tensor, seed: int = 0, perplexity: float = 30
 
 def plot_tsne(embeddings: dict[str, np.ndarray], labels: Any, classes: list[str], title: str | None = None) -> Figure:
     """Side-by-side 2-d maps (e.g. random init vs trained encoder), points coloured by class, one shared legend."""
-    labels = _to_numpy(labels).astype(int)
-    colours = class_colours(len(classes))
+    labels, colours = _to_numpy(labels).astype(int), class_colours(len(classes))
     fig, axes = plt.subplots(1, len(embeddings), figsize=(5 * len(embeddings) + 1.5, 5), squeeze=False,
                              layout="constrained")
     for ax, (name, points) in zip(axes[0], embeddings.items()):
         points = _to_numpy(points)
         # Small, translucent points: thousands of them overlap, and the density of each colour is what matters.
         ax.scatter(points[:, 0], points[:, 1], c=[colours[i] for i in labels], s=6, alpha=0.7, linewidths=0)
-        ax.set_title(name)
         # t-SNE coordinates have no units and no meaning of their own: only who sits near whom does.
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_xlabel("t-SNE dimension 1")
-        ax.set_ylabel("t-SNE dimension 2")
+        ax.set(title=name, xlabel="t-SNE dimension 1", ylabel="t-SNE dimension 2")
+    _no_ticks(axes)
     # Built by hand so every class gets an entry with a visible marker, even one absent from the points shown.
     handles = [Line2D([], [], marker="o", linestyle="", markersize=7, color=colours[i], label=name)
                for i, name in enumerate(classes)]
@@ -167,11 +172,9 @@ def plot_retrieval(queries: torch.Tensor, neighbours: torch.Tensor, query_labels
     fig, axes = plt.subplots(n_queries, k + 1, figsize=(1.5 * (k + 1) + 0.5, 1.75 * n_queries + 0.8),
                              squeeze=False, layout="constrained")
     for row in range(n_queries):
-        ax = axes[row, 0]
-        ax.imshow(_as_rgb(queries[row]), interpolation="nearest")
-        ax.set_title(f"query:\n{classes[query_labels[row]]}", fontsize=9, fontweight="bold")
-        for col in range(k):
-            ax = axes[row, col + 1]
+        axes[row, 0].imshow(_as_rgb(queries[row]), interpolation="nearest")
+        axes[row, 0].set_title(f"query:\n{classes[query_labels[row]]}", fontsize=9, fontweight="bold")
+        for col, ax in enumerate(axes[row, 1:]):
             ax.imshow(_as_rgb(neighbours[row, col]), interpolation="nearest")
             label = neighbour_labels[row, col]
             colour = MATCH_COLOUR if label == query_labels[row] else MISMATCH_COLOUR
@@ -179,11 +182,8 @@ def plot_retrieval(queries: torch.Tensor, neighbours: torch.Tensor, query_labels
             ax.set_title(text, fontsize=9, color=colour)
             # A coloured frame makes right and wrong neighbours visible at a glance, not only in the title.
             for spine in ax.spines.values():
-                spine.set_edgecolor(colour)
-                spine.set_linewidth(2)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
+                spine.set(edgecolor=colour, linewidth=2)
+    _no_ticks(axes)
     for col, ax in enumerate(axes[-1]):
         ax.set_xlabel("query" if col == 0 else f"neighbour {col}", fontsize=8)
     fig.legend(handles=[Patch(color=MATCH_COLOUR, label="same class as the query"),
@@ -193,21 +193,15 @@ def plot_retrieval(queries: torch.Tensor, neighbours: torch.Tensor, query_labels
     return fig
 
 
-def row_normalised_percent(confusion: Any) -> np.ndarray:
-    """A confusion matrix (rows = true class) as percent of each true class; an empty row stays 0."""
-    counts = _to_numpy(confusion).astype(float)
-    totals = counts.sum(axis=1, keepdims=True)
-    return np.divide(100 * counts, totals, out=np.zeros_like(counts), where=totals > 0)
-
-
 def plot_confusion_matrix(confusion: Any, classes: list[str],
                           title: str = "linear probe: confusion matrix") -> Figure:
     """A heatmap of a confusion matrix (rows = true class), each row in percent of its true class."""
     import seaborn as sns  # slow to import; only needed here
 
-    percent = row_normalised_percent(confusion)
-    n = len(classes)
-    size = max(5.0, 0.6 * n + 2)
+    counts = _to_numpy(confusion).astype(float)
+    totals = counts.sum(axis=1, keepdims=True)
+    percent = np.divide(100 * counts, totals, out=np.zeros_like(counts), where=totals > 0)  # an empty row stays 0
+    n, size = len(classes), max(5.0, 0.6 * len(classes) + 2)
     fig, ax = plt.subplots(figsize=(size + 1.2, size))
     # Beyond ~20 classes the numbers no longer fit in their cells; the colours still show the structure.
     sns.heatmap(percent, annot=n <= 20, fmt=".1f", annot_kws={"fontsize": 8}, cmap="Blues", vmin=0, vmax=100,
@@ -216,8 +210,7 @@ def plot_confusion_matrix(confusion: Any, classes: list[str],
     ax.set(title=title, xlabel="predicted class", ylabel="true class")
     ax.tick_params(axis="x", labelrotation=45)
     ax.tick_params(axis="y", labelrotation=0)
-    fig.tight_layout()
-    return fig
+    return _tidy(fig)
 
 
 def plot_accuracy_bars(results: dict[str, dict[str, float]], title: str,
@@ -226,8 +219,7 @@ def plot_accuracy_bars(results: dict[str, dict[str, float]], title: str,
     groups = list(results)
     # Methods in order of first appearance; a method missing from a group simply has no bar there.
     methods: list[str] = list(dict.fromkeys(m for values in results.values() for m in values))
-    x = np.arange(len(groups))
-    width = 0.8 / max(1, len(methods))
+    x, width = np.arange(len(groups)), 0.8 / max(1, len(methods))
     fig, ax = plt.subplots(figsize=(max(5.0, 1.2 * len(groups) * max(1, len(methods)) + 2), 4))
     highest = 0.0
     for j, method in enumerate(methods):
@@ -244,73 +236,45 @@ def plot_accuracy_bars(results: dict[str, dict[str, float]], title: str,
     ax.set_axisbelow(True)
     # Outside the axes so it never hides a bar.
     ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1))
-    fig.tight_layout()
-    return fig
-
-
-def _denormalize(views: torch.Tensor, mean, std) -> torch.Tensor:
-    """Normalised views back to [0, 1] images for display."""
-    return (views * torch.tensor(std).view(1, 3, 1, 1) + torch.tensor(mean).view(1, 3, 1, 1)).clamp(0, 1)
+    return _tidy(fig)
 
 
 def plot_single_augmentations(images: torch.Tensor, n_samples: int = 5, seed: int = 0, image_size: int = 32,
                               mean=None, std=None) -> Figure:
-    """One row per augmentation applied alone (crop-and-resize, flip, colour jitter, grayscale, blur) to one image.
-
-    Each row shows the original and `n_samples` random draws of that single operation, so a reader sees what each
-    ingredient of the SimCLR view pipeline does before they are combined.
-    """
-    from .augment import SimCLRAugment, to_unit_float
-    from .data import CIFAR10_MEAN, CIFAR10_STD
-
+    """One row per augmentation alone (crop, flip, colour jitter, grayscale, blur): an image, then random draws."""
     mean, std = mean or CIFAR10_MEAN, std or CIFAR10_STD
     off = dict(crop_scale=(1.0, 1.0), flip_prob=0.0, color_prob=0.0, gray_prob=0.0, blur_prob=0.0)
-    ops = {
-        "crop + resize": dict(off, crop_scale=(0.08, 1.0)),
-        "horizontal flip": dict(off, flip_prob=1.0),
-        "colour jitter": dict(off, color_prob=1.0),
-        "grayscale": dict(off, gray_prob=1.0),
-        "Gaussian blur": dict(off, blur_prob=1.0),
-    }
-    image = images[:1].cpu()
-    original = torch.nn.functional.interpolate(to_unit_float(image), size=image_size)
-    generator = torch.Generator().manual_seed(seed)
-    rows = []
-    for settings in ops.values():
-        augment = SimCLRAugment(image_size=image_size, mean=mean, std=std, **settings)
-        views = torch.cat([augment(image, generator) for _ in range(n_samples)])
-        rows.append(torch.cat([original, _denormalize(views, mean, std)]))
-    return show_images(torch.cat(rows), nrow=n_samples + 1, row_labels=list(ops),
-                       title="each augmentation alone: the original, then random draws")
+    ops = {"crop + resize": dict(crop_scale=(0.08, 1.0)), "horizontal flip": dict(flip_prob=1.0),
+           "colour jitter": dict(color_prob=1.0), "grayscale": dict(gray_prob=1.0),
+           "Gaussian blur": dict(blur_prob=1.0)}
+    image, generator = images[:1].cpu(), torch.Generator().manual_seed(seed)
+    augments = [SimCLRAugment(image_size=image_size, mean=mean, std=std, **(off | on)) for on in ops.values()]
+    views = torch.stack([torch.cat([augment(image, generator) for _ in range(n_samples)]) for augment in augments])
+    return show_images(_view_rows(image.expand(len(ops), -1, -1, -1), views, mean, std), nrow=n_samples + 1,
+                       row_labels=list(ops), title="each augmentation alone: the original, then random draws")
 
 
 def plot_similarity_matrix(z1: torch.Tensor, z2: torch.Tensor, title: str = "cosine similarity of 2N embeddings"
                            ) -> Figure:
     """Heatmap of the (2N, 2N) cosine similarities NT-Xent works on, with the positive pairs outlined."""
     z = torch.nn.functional.normalize(torch.cat([z1, z2]).detach().float().cpu(), dim=1)
-    sim = (z @ z.T).numpy()
-    n = len(z1)
+    sim, n = (z @ z.T).numpy(), len(z1)
     fig, ax = plt.subplots(figsize=(5.2, 4.5))
     im = ax.imshow(sim, cmap="RdBu_r", vmin=-1, vmax=1)
     for i in range(2 * n):  # the positive of row i sits N columns away
-        j = (i + n) % (2 * n)
-        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="gold", lw=2))
+        ax.add_patch(plt.Rectangle(((i + n) % (2 * n) - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="gold", lw=2))
     labels = [f"{i}a" for i in range(n)] + [f"{i}b" for i in range(n)]
     ax.set_xticks(range(2 * n), labels, fontsize=7, rotation=90)
     ax.set_yticks(range(2 * n), labels, fontsize=7)
     ax.set(title=title, xlabel="candidate (image, view)", ylabel="anchor (image, view)")
     fig.colorbar(im, ax=ax, label="cosine similarity (gold: positive pair)")
-    fig.tight_layout()
-    return fig
+    return _tidy(fig)
 
 
 def plot_temperature_effect(similarities: torch.Tensor, positive: int = 0,
                             temperatures: tuple[float, ...] = (0.05, 0.1, 0.5, 1.0)) -> Figure:
-    """How the temperature T shapes one anchor's softmax over its candidates exp(s/T) / sum exp(s/T).
-
-    Small T sharpens the distribution onto the most similar candidates (hard negatives weigh more); large T
-    flattens it. `similarities` are one anchor's cosine similarities to its 2N-1 candidates, positive at `positive`.
-    """
+    """One anchor's softmax exp(s/T) / sum exp(s/T) over its candidates' similarities, one line per temperature T."""
+    # Small T sharpens it onto the most similar candidates (hard negatives weigh more); large T flattens it.
     sims = similarities.detach().float().cpu()
     order = sims.argsort(descending=True)
     fig, ax = plt.subplots(figsize=(7, 3.8))
@@ -321,10 +285,7 @@ def plot_temperature_effect(similarities: torch.Tensor, positive: int = 0,
     ax.axvline(rank, color="gold", lw=2, ls="--", label="the positive")
     ax.set(title="softmax over candidates at different temperatures", xlabel="candidates, most similar first",
            ylabel="probability")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _tidy(fig, ax, legend=True)
 
 
 def plot_stage_sizes(shapes: dict[str, dict[str, tuple[int, ...]]]) -> Figure:
@@ -335,7 +296,4 @@ def plot_stage_sizes(shapes: dict[str, dict[str, tuple[int, ...]]]) -> Figure:
     ax.set(title="feature-map side length through the encoder (32x32 input)", xlabel="stage",
            ylabel="height = width (pixels)")
     ax.set_yscale("log", base=2)
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return fig
+    return _tidy(fig, ax, legend=True)

@@ -17,6 +17,7 @@ from simclr_lib.augment import (
     CIFAR10_STD,
     SimCLRAugment,
     ViewParams,
+    normalize,
     pil_pipeline,
     reference_view,
     resize_weights,
@@ -31,6 +32,7 @@ from simclr_lib.augment import (
 # wrong factor is orders of magnitude larger.
 TOL = 2e-5
 STD = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
+MEAN = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
 SEED = 0
 
 
@@ -207,7 +209,7 @@ def test_grayscale_only() -> None:
     augment = SimCLRAugment()
     images = smooth_images(64)
     params = only(sample(augment, images), 32, 32, gray=True)
-    out = augment.apply(images, params) * STD + torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
+    out = augment.apply(images, params) * STD + MEAN
     assert (out[:, 0] - out[:, 1]).abs().max() < 1e-5 and (out[:, 1] - out[:, 2]).abs().max() < 1e-5
     assert_matches_reference(augment, images, params)
 
@@ -264,6 +266,58 @@ def test_bernoulli_frequencies() -> None:
     for name, p in (("flip", 0.5), ("jitter", 0.8), ("gray", 0.2), ("blur", 0.3)):
         freq = getattr(params, name).float().mean().item()
         assert abs(freq - p) < 4 * math.sqrt(p * (1 - p) / n), f"{name}: {freq:.3f} vs {p}"
+
+
+@pytest.mark.parametrize("p", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("name", ["flip_prob", "gray_prob", "color_prob", "blur_prob"])
+def test_probabilities_reach_the_views(name: str, p: float) -> None:
+    # Measured on the output views, not on ViewParams: one op at probability p, the others off, an identity crop.
+    # Each view must be either the untouched (normalised) image or that op's result: a mirror, a grey image, or
+    # for jitter and blur (sigma >= 1, always visible on noise) any change. 2000 views: the sd at p = 0.5 is 0.011.
+    settings = {"flip_prob": 0.0, "gray_prob": 0.0, "color_prob": 0.0, "blur_prob": 0.0, name: p}
+    augment = SimCLRAugment(image_size=8, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), blur_sigma=(1.0, 2.0),
+                            **settings)
+    images = noise_images(2000, 8, 8)
+    views = augment(images, torch.Generator().manual_seed(SEED)) * STD + MEAN  # de-normalised, [0, 1] units
+    x = to_unit_float(images)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a - b).abs().amax(dim=(1, 2, 3)) < TOL
+
+    untouched = close(views, x)
+    result = {"flip_prob": x.flip(-1), "gray_prob": views.roll(1, dims=1)}  # the mirror; grey: all channels equal
+    done = close(views, result[name]) if name in result else ~untouched
+    assert (done ^ untouched).all(), "a view is neither the image nor the op's result"
+    fraction = done.float().mean().item()
+    assert fraction == p if p in (0.0, 1.0) else abs(fraction - p) < 0.05, f"{name}={p}: {fraction:.3f} of the views"
+
+
+def test_settings_are_checked() -> None:
+    for bad in ({"color_strength": 2.6}, {"color_strength": -0.1}, {"flip_prob": 1.1}, {"color_prob": -0.1},
+                {"gray_prob": 2.0}, {"blur_prob": float("nan")}):
+        with pytest.raises(ValueError):
+            SimCLRAugment(**bad)
+    # At s = 2.5 the hue shift 0.2 s spans torchvision's whole [-0.5, 0.5] and the factors reach 0: still exact.
+    augment = SimCLRAugment(color_strength=2.5, color_prob=1.0)
+    images = torch.cat([smooth_images(16), structured_images(16)])
+    params = sample(augment, images)
+    assert 0.4 < params.hue.abs().max() <= 0.5
+    assert_matches_reference(augment, images, params)
+
+
+def test_normalize_matches_torchvision() -> None:
+    images = smooth_images(8)
+    expected = TF.normalize(to_unit_float(images), list(CIFAR10_MEAN), list(CIFAR10_STD))
+    floats = images.float() / 255
+    for x in (images, floats, images.double() / 255):
+        for mean, std in ((CIFAR10_MEAN, CIFAR10_STD), (MEAN, STD), (torch.tensor(CIFAR10_MEAN), list(CIFAR10_STD))):
+            out = normalize(x, mean, std)
+            assert out.dtype == torch.float32 and (out - expected).abs().max() < 1e-6
+    assert torch.equal(floats, images.float() / 255), "normalize modified its input"
+    # apply folds the same normalisation into its colour matrix: with every op off it is `normalize`.
+    augment = SimCLRAugment()
+    out = augment.apply(images, only(sample(augment, images), 32, 32))
+    assert ((out - normalize(images, CIFAR10_MEAN, CIFAR10_STD)) * STD).abs().max() < TOL
 
 
 def test_factor_ranges() -> None:

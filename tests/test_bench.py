@@ -1,6 +1,7 @@
 """`simclr bench`: the comparison formulations are right, and the command runs end to end on a CPU."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -50,11 +51,14 @@ def test_run_bench_on_cpu_writes_json_and_table(tmp_path):
 @pytest.mark.parametrize("flags, message", [
     (["--batch-sizes", "many"], "--batch-sizes takes integers"),
     (["--batch-sizes", "1"], "at least 2"),
-    (["--steps", "0"], "--steps must be at least 1"),
+    (["--steps", "0"], "--steps:? must be at least 1"),
 ])
 def test_bench_bad_flags_exit_2(flags, message, capsys):
-    assert main(["bench", "--device", "cpu", *flags]) == 2
-    assert message in capsys.readouterr().err
+    try:
+        code = main(["bench", "--device", "cpu", *flags])
+    except SystemExit as exc:  # a value the flag's argparse type refuses exits from parse_args
+        code = exc.code
+    assert code == 2 and re.search(message, capsys.readouterr().err)
 
 
 def test_bench_never_overwrites(tmp_path, capsys):

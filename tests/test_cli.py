@@ -40,7 +40,7 @@ def test_end_to_end_run_writes_every_file(tiny_folder, tmp_path, capsys):
     steps = [r for r in records if r["kind"] == "step"]
     assert steps[-1]["step"] == 8 and steps[0]["lr"] > 0  # 64 images / batch 16 = 4 steps per epoch
     config = json.loads((out / "config.json").read_text())
-    assert config["width"] == 4 and config["preset"] == "quick"
+    assert config["width"] == 4 and config["preset"] == "quick"  # config.json, a plain dict
     assert "kNN top-1" in capsys.readouterr().out
     # the run folder is never overwritten without --resume
     assert main(tiny_args(tiny_folder, out)) == 2
@@ -167,12 +167,17 @@ def test_evaluate_tsne_and_report_commands(tiny_folder, tmp_path, capsys, monkey
     for name in ("eval.json", "report.md", "figures/tsne.png", "figures/retrieval.png", "figures/confusion_matrix.png"):
         assert (out / name).is_file(), name
     assert "report:" in capsys.readouterr().out
+    first = {name: (out / name).read_bytes() for name in ("eval.json", "report.md", "figures/tsne.png",
+                                                          "figures/confusion_matrix.png")}
     code = main(["evaluate", str(out), "--label-fractions", "25,50", "--finetune-epochs", "2", "--probe-epochs", "2",
                  "--no-progress"])
     assert code == 0
-    result = json.loads((out / "eval.json").read_text())
+    # Nothing the run wrote is replaced: the new evaluation, figures and report go beside the old ones.
+    result = json.loads((out / "eval-2.json").read_text())
+    assert (out / "report-2.md").is_file() and (out / "figures" / "confusion_matrix-2.png").is_file()
+    assert json.loads(first["eval.json"])["linear"]["epochs"] == 3 and result["linear"]["epochs"] == 2
     for key in ("knn", "linear"):
-        assert {"top1", "random_init_top1", "protocol", "split", "epochs"} <= set(result[key])
+        assert {"top1", "random_init_top1", "protocol", "split"} <= set(result[key])
     for kind in ("finetune", "supervised"):
         assert set(result[kind]) == {"25", "50"}
         assert result[kind]["25"]["labelled_images"] == 24  # 25 % of 96, class-balanced
@@ -185,6 +190,8 @@ def test_evaluate_tsne_and_report_commands(tiny_folder, tmp_path, capsys, monkey
     downloaded = json.loads((tmp_path / "runs" / "downloaded-checkpoint" / "eval.json").read_text())
     assert downloaded["knn"]["top1"] == result["knn"]["top1"]
     assert main(["tsne", str(out), "--tsne-points", "12"]) == 0
+    assert (out / "figures" / "tsne-2.png").is_file() and (out / "figures" / "retrieval-2.png").is_file()
+    assert all((out / name).read_bytes() == data for name, data in first.items())
     other = tmp_path / "other"
     assert main(tiny_args(tiny_folder, other, "--temperature", "0.2", "--tsne-points", "12")) == 0
     report = tmp_path / "compare.md"

@@ -4,31 +4,31 @@ import json
 
 import pytest
 
-from simclr_lib.config import FIELDS, PRESETS, load_config, make_config, validate
+from simclr_lib.config import FIELDS, PRESETS, Config, load_config, make_config
 from simclr_lib.errors import UserError
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_is_valid(name):
     config = make_config(name)
-    assert config["preset"] == name and set(config) == set(FIELDS)
+    assert config.preset == name and set(config.to_dict()) == set(FIELDS)
 
 
 def test_preset_recipes():
     paper = make_config("paper-r50")
-    assert (paper["backbone"], paper["batch_size"], paper["optimizer"], paper["temperature"]) == \
+    assert (paper.backbone, paper.batch_size, paper.optimizer, paper.temperature) == \
         ("resnet50", 1024, "lars", 0.5)
-    assert paper["cifar_stem"] and not paper["blur_prob"]
+    assert paper.cifar_stem and not paper.blur_prob
     seed = make_config("seed-r50-bs512")
-    assert (seed["optimizer"], seed["lr"], seed["temperature"], seed["batch_size"]) == ("adam", 3e-4, 0.07, 512)
+    assert (seed.optimizer, seed.lr, seed.temperature, seed.batch_size) == ("adam", 3e-4, 0.07, 512)
     r18 = make_config("cifar10-r18")
-    assert (r18["backbone"], r18["batch_size"], r18["epochs"], r18["weight_decay"]) == ("resnet18", 512, 1000, 1e-4)
+    assert (r18.backbone, r18.batch_size, r18.epochs, r18.weight_decay) == ("resnet18", 512, 1000, 1e-4)
 
 
 def test_overrides_win_and_none_keeps_the_preset():
     config = make_config("cifar10-r18", epochs=3, batch_size=None)
-    assert config["epochs"] == 3 and config["batch_size"] == 512
-    assert config["warmup_epochs"] == pytest.approx(0.3)  # a short run of a long recipe warms up for a tenth
+    assert config.epochs == 3 and config.batch_size == 512
+    assert config.warmup_epochs == pytest.approx(0.3)  # a short run of a long recipe warms up for a tenth
     with pytest.raises(UserError, match="warmup_epochs must be between 0 and epochs"):
         make_config("cifar10-r18", epochs=3, warmup_epochs=5)
 
@@ -40,6 +40,7 @@ def test_overrides_win_and_none_keeps_the_preset():
     ("optimizer", "rmsprop", "optimizer must be one of"),
     ("epochs", "ten", "'epochs' must be int"),
     ("gray_prob", 1.5, "gray_prob must be in [0, 1]"),
+    ("color_strength", 2.6, "color_strength must be in [0, 2.5]"),  # hue 0.2 s must stay within 0.5
 ])
 def test_bad_values_name_the_key(key, value, words):
     with pytest.raises(UserError, match=words.replace("[", r"\[").replace("]", r"\]")):
@@ -50,17 +51,27 @@ def test_unknown_preset_and_key():
     with pytest.raises(UserError, match="unknown preset 'nope'"):
         make_config("nope")
     with pytest.raises(UserError, match="unknown config key 'epoch'"):
-        validate({"epoch": 3})
+        Config().replace(epoch=3)
 
 
 def test_load_config_roundtrip_and_errors(tmp_path):
     path = tmp_path / "config.json"
     config = make_config("quick", epochs=2)
-    path.write_text(json.dumps(config))
+    config.save(path)
     assert load_config(path) == config
     path.write_text("{not json")
     with pytest.raises(UserError, match="cannot read config"):
         load_config(path)
-    path.write_text(json.dumps({**config, "lr": "fast"}))
+    path.write_text(json.dumps({**config.to_dict(), "lr": "fast"}))
     with pytest.raises(UserError, match="'lr' must be float"):
         load_config(path)
+
+
+def test_config_is_frozen_and_replace_validates():
+    config = make_config("quick")
+    with pytest.raises(AttributeError):
+        config.epochs = 3
+    assert config.replace(epochs=3).epochs == 3 and config.epochs == 16
+    with pytest.raises(UserError, match="lr must be greater than 0"):
+        config.replace(lr=-1.0)
+    assert isinstance(Config(lr=1).lr, float)  # an int where a float belongs (e.g. from JSON) becomes a float

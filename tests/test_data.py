@@ -21,8 +21,6 @@ from simclr_lib.data import (
     balanced_indices,
     balanced_subset,
     channel_stats,
-    cifar10_candidates,
-    load_image_folder,
     load_splits,
 )
 from simclr_lib.errors import DataNotFoundError, UserError
@@ -184,8 +182,7 @@ def test_resizing_and_image_size_errors(tmp_path):
 
     # A non-square image is resized on its shorter side and centre-cropped.
     save_image(root / "train" / "y" / "d_wide.png", "RGB", size=(10, 6))
-    data = load_image_folder(root, "train", image_size=5)
-    assert data.images.shape == (6, 3, 5, 5)
+    assert load_splits("folder", root, image_size=5).train.images.shape == (6, 3, 5, 5)
 
     # Without --image-size the first image sets the size and must be square.
     wide = make_tree(tmp_path / "wide", classes=("x", "y"), images=[("a.png", "RGB")])
@@ -221,10 +218,9 @@ def test_archive_gives_identical_tensors(tmp_path, archive_name, top_level):
         assert torch.equal(a.images, b.images) and torch.equal(a.labels, b.labels) and a.classes == b.classes
     assert from_dir.mean == from_archive.mean and from_dir.std == from_archive.std
     assert str(archive) in from_archive.source
-    assert torch.equal(load_image_folder(archive, "test").images, from_dir.test.images)
 
 
-def test_val_split_stands_in_for_test_and_junk_is_ignored(tmp_path):
+def test_val_split_stands_in_for_test_and_junk_is_ignored(tmp_path, monkeypatch):
     root = make_tree(
         tmp_path / "tree",
         classes=("a", "b", "c"),
@@ -239,6 +235,8 @@ def test_val_split_stands_in_for_test_and_junk_is_ignored(tmp_path):
     splits = load_splits("folder", root)
     assert len(splits.train) == 6 and len(splits.test) == 6
     assert splits.train.classes == ["a", "b", "c"]
+    monkeypatch.chdir(root)  # the tree as the working folder, "."
+    assert torch.equal(load_splits("folder", ".").train.images, splits.train.images)
 
     # A test split without some classes keeps the train split's label numbering.
     (tmp_path / "partial").mkdir()
@@ -325,6 +323,29 @@ def test_skip_bad_images_skips_and_counts(tmp_path):
     assert len(splits.train) == 4 and len(splits.test) == 4
     assert "2 unreadable image(s) skipped" in splits.source
     assert splits.train.labels.tolist() == [0, 0, 1, 1]
+    # The bad JPEG fails torchvision's batched call; the good ones still decode exactly as without it.
+    clean = make_tree(tmp_path / "clean", classes=("a", "b"), images=[("x.png", "RGB"), ("y.jpg", "RGB")])
+    assert torch.equal(load_splits("folder", clean).train.images, splits.train.images)
+
+    # An archive with skipped images is never cached: every load warns, and one without the flag still refuses.
+    archive = make_archive(tmp_path / "tree", tmp_path / "bad.tar", None)
+    for _ in range(2):
+        with pytest.warns(UserWarning, match="skipped 2 unreadable"):
+            assert len(load_splits("folder", archive, skip_bad_images=True).train) == 4
+    assert not (tmp_path / "bad.tar.cache.pt").exists()
+    with pytest.raises(UserError) as exc:
+        load_splits("folder", archive)
+    assert_one_line(exc, "cannot read image", "--skip-bad-images")
+
+
+def test_pil_decodes_jpegs_when_torchvision_cannot(tmp_path, monkeypatch):
+    root = make_tree(tmp_path / "tree")
+    fast = load_splits("folder", root).train.images
+    monkeypatch.setattr("simclr_lib.data.decode_jpeg", None)
+    slow = load_splits("folder", root).train.images
+    png = [j for j, (name, _) in enumerate(MIXED_IMAGES) if name.endswith(".png")]
+    assert torch.equal(fast.view(3, 9, 3, 8, 8)[:, png], slow.view(3, 9, 3, 8, 8)[:, png])
+    assert (fast.int() - slow.int()).abs().max() <= 8  # JPEG decoders may round differently
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -349,20 +370,15 @@ def test_cifar10_pickles_beat_a_folder_tree(tmp_path):
     assert resized.train.images[0, :, 0, 0].tolist() == [10, 100, 200]
 
 
-def test_cifar10_tree_one_level_down_and_preference(tmp_path):
-    make_cifar10_tree(tmp_path / "aaa-images")
-    make_cifar10_tree(tmp_path / "cifar-10-images", size=6)
-    make_cifar10_tree(tmp_path / "cifar100-images")  # "cifar100" must never be taken for CIFAR-10
-    candidates = cifar10_candidates(tmp_path)
-    assert [p.name for p in candidates] == ["cifar-10-images", "aaa-images"]
-    splits = load_splits("cifar10", tmp_path, download=False)
-    assert "cifar-10-images" in splits.source and splits.image_size == 6
+def test_cifar10_tree_one_level_down_first_folder_by_name(tmp_path):
+    root = tmp_path / "data"
+    make_cifar10_tree(root / "b-images", size=6)
+    make_cifar10_tree(root / "a-images")
+    (root / ".hidden-images").mkdir()
+    make_archive(make_cifar10_tree(tmp_path / "src", size=8), root / "0-first.tar.gz", None)  # folders come first
+    splits = load_splits("cifar10", root, download=False)
+    assert "a-images" in splits.source and splits.image_size == 4
     assert splits.train.classes == list(CIFAR10_CLASSES) and splits.train.labels.tolist() == list(range(10))
-
-    only_other = tmp_path / "other"
-    make_cifar10_tree(only_other / "stl10-folder")
-    with pytest.raises(DataNotFoundError):
-        load_splits("cifar10", only_other, download=False)
 
 
 def test_cifar10_tree_directly_at_root_and_archive_in_root(tmp_path):
@@ -371,10 +387,45 @@ def test_cifar10_tree_directly_at_root_and_archive_in_root(tmp_path):
 
     data = tmp_path / "data"
     data.mkdir()
-    (data / "unrelated.tar.gz").write_bytes(b"")  # tried after the CIFAR-named archive, never read
+    (data / "unrelated.tar.gz").write_bytes(b"")  # sorts after the CIFAR-10 archive: never read
     archive = make_archive(make_cifar10_tree(tmp_path / "src"), data / "cifar10-jpeg.tar.gz", "cifar10-jpeg")
     splits = load_splits("cifar10", data, download=False, image_size=8)
     assert str(archive) in splits.source and splits.train.images.shape == (10, 3, 8, 8)
+
+
+def test_archive_cache_is_written_reused_and_invalidated(tmp_path, monkeypatch):
+    data = tmp_path / "data"
+    data.mkdir()
+    archive = make_archive(make_cifar10_tree(tmp_path / "src"), data / "c.tar.gz", "c")
+    first = load_splits("cifar10", data, download=False)
+    cache = data / "c.tar.gz.cache.pt"
+    assert cache.is_file() and not list(data.glob("*.tmp"))
+
+    monkeypatch.setattr("simclr_lib.data._decode", lambda files: pytest.fail("decoded again"))
+    again = load_splits("cifar10", data, download=False)
+    assert torch.equal(again.train.images, first.train.images) and torch.equal(again.test.labels, first.test.labels)
+    assert again.train.classes == first.train.classes and again.source == first.source
+    monkeypatch.undo()
+
+    # Another image size, a changed archive, or a corrupt cache: decoded again and the cache rewritten.
+    assert load_splits("folder", archive, image_size=8).image_size == 8
+    make_archive(make_cifar10_tree(tmp_path / "src2", size=6), archive, "c")
+    assert load_splits("cifar10", data, download=False).image_size == 6
+    cache.write_bytes(b"not a cache")
+    assert load_splits("cifar10", data, download=False).image_size == 6
+    assert torch.load(cache, weights_only=True)["train"][0].shape == (10, 3, 6, 6)
+
+
+def test_read_only_data_folder_works_without_a_cache(tmp_path):
+    data = tmp_path / "read-only"
+    data.mkdir()
+    make_archive(make_cifar10_tree(tmp_path / "src"), data / "c.tar", None)
+    data.chmod(0o555)
+    try:
+        assert len(load_splits("cifar10", data, download=False).train) == 10
+        assert [p.name for p in data.iterdir()] == ["c.tar"]
+    finally:
+        data.chmod(0o755)
 
 
 def test_cifar10_folder_with_wrong_class_count_is_refused(tmp_path):
@@ -387,7 +438,8 @@ def test_cifar10_folder_with_wrong_class_count_is_refused(tmp_path):
 def test_missing_cifar10_names_all_three_ways(tmp_path):
     with pytest.raises(DataNotFoundError) as exc:
         load_splits("cifar10", tmp_path / "data", download=False)
-    assert_one_line(exc, "cifar-10-batches-py", "ImageFolder", ".tar.gz", "cifar10-jpeg.tar.gz", "download")
+    assert_one_line(exc, "cifar-10-batches-py", "ImageFolder", ".tar.gz", str(tmp_path / "data"), "download")
+    assert "shared" not in str(exc.value)  # says what to do on the user's machine, not on a build machine
     assert not (tmp_path / "data").exists()  # nothing was created
 
 
@@ -544,3 +596,6 @@ def test_staged_cifar10_archive(tmp_path):
     mean, _ = channel_stats(splits.train.images)
     assert max(abs(a - b) for a, b in zip(mean, CIFAR10_MEAN)) < 2e-3
     assert seconds < 60, f"loading the staged archive took {seconds:.1f} s"
+    cached = load_splits("cifar10", data_root, download=False)  # from <archive>.cache.pt: the very same pixels
+    assert (data_root / "cifar10-jpeg.tar.gz.cache.pt").is_file()
+    assert torch.equal(cached.train.images, splits.train.images) and torch.equal(cached.test.images, splits.test.images)

@@ -5,6 +5,8 @@ import torch
 import torch.nn as nn
 import torchvision
 
+from simclr_lib.augment import normalize
+from simclr_lib.config import Config
 from simclr_lib.errors import UserError
 from simclr_lib.models import ProjectionHead, SimCLR, build_model, resnet_encoder
 
@@ -62,18 +64,18 @@ def test_simclr_forward_and_encode():
     with torch.no_grad():
         h_uint8 = model.encode(images)
         h_float = model.encode(images.float() / 255)
-        z = model(model.normalize(images))
+        z = model(normalize(images, model.mean, model.std))
     assert h_uint8.shape == (2, 64) and z.shape == (2, 128)
     torch.testing.assert_close(h_uint8, h_float)
 
 
 def test_build_model_is_seeded():
-    config = dict(seed=3, backbone="resnet18", cifar_stem=True, width=8, proj_hidden_dim=None, proj_dim=32,
-                  proj_batch_norm=False)
+    config = Config(seed=3, backbone="resnet18", cifar_stem=True, width=8, proj_hidden_dim=None, proj_dim=32,
+                    proj_batch_norm=False)
     a, b = build_model(config), build_model(config)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)
-    c = build_model({**config, "seed": 4})
+    c = build_model(config.replace(seed=4))
     assert not torch.equal(next(a.parameters()), next(c.parameters()))
 
 

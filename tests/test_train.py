@@ -1,18 +1,22 @@
 """The training loop's fast path: batch sources, the time budget, and a step with no host synchronisation."""
 
 import json
+import os
+import signal
 
-import numpy as np
 import pytest
 import torch
 
 from simclr_lib.augment import SimCLRAugment
+from simclr_lib.checkpoints import CheckpointWriter
 from simclr_lib.config import make_config
 from simclr_lib.data import DatasetSplits, ImageData
+from simclr_lib.errors import Interrupted
 from simclr_lib.loss import nt_xent_loss
 from simclr_lib.models import build_model
-from simclr_lib.optim import WarmupCosineSchedule, build_optimizer
-from simclr_lib.train import BatchSource, TrainStep, pretrain, read_metrics
+from simclr_lib.optim import WarmupCosineSchedule, build_optimizer, scaled_lr, warmup_cosine
+from simclr_lib.runtime import step_seed
+from simclr_lib.train import BatchSource, TrainStep, epoch_order, make_augment, pretrain, read_metrics
 
 
 def tiny_splits(n: int = 48) -> DatasetSplits:
@@ -57,9 +61,9 @@ def test_streamed_training_is_identical_to_device_training(tmp_path):
     splits = tiny_splits()
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
-    device_run = pretrain(tiny_config(data_placement="device"), splits, splits.pretrain, tmp_path / "a",
+    device_run, _ = pretrain(tiny_config(data_placement="device"), splits, splits.pretrain, tmp_path / "a",
                           progress=False)
-    stream_run = pretrain(tiny_config(data_placement="stream", workers=0), splits, splits.pretrain,
+    stream_run, _ = pretrain(tiny_config(data_placement="stream", workers=0), splits, splits.pretrain,
                           tmp_path / "b", progress=False)
     assert_same(weights(device_run), weights(stream_run))
 
@@ -68,12 +72,13 @@ def test_time_budget_fits_epochs_and_leaves_the_run_unchanged(tmp_path):
     splits = tiny_splits()
     for name in ("plain", "budget", "tiny"):
         (tmp_path / name).mkdir()
-    plain = pretrain(tiny_config(), splits, splits.pretrain, tmp_path / "plain", progress=False)
+    plain, _ = pretrain(tiny_config(), splits, splits.pretrain, tmp_path / "plain", progress=False)
     # A budget far beyond the recipe is capped at --epochs; the calibration steps must leave no trace.
     big = tiny_config(time_budget=1e6)
-    (tmp_path / "budget" / "config.json").write_text(json.dumps(big))
-    budgeted = pretrain(big, splits, splits.pretrain, tmp_path / "budget", progress=False)
+    big.save(tmp_path / "budget" / "config.json")
+    budgeted, fitted = pretrain(big, splits, splits.pretrain, tmp_path / "budget", progress=False)
     assert_same(weights(plain), weights(budgeted))
+    assert fitted.epochs == 2
     fit = [r for r in read_metrics(tmp_path / "budget" / "metrics.jsonl") if r["kind"] == "time_budget"]
     assert len(fit) == 1 and fit[0]["epochs"] == 2 and fit[0]["step_seconds"] > 0
     # A budget smaller than one epoch still trains one, and config.json says so (with a fitting warmup).
@@ -108,25 +113,6 @@ def test_compiled_augmentation_and_loss_match_eager():
     assert torch.allclose(torch.compile(nt_xent_loss)(z1, z2, 0.5), nt_xent_loss(z1, z2, 0.5), atol=1e-5)
 
 
-def test_image_files_stream_through_workers(tmp_path):
-    from PIL import Image
-
-    from simclr_lib.data import ImageFileDataset, resize_images
-
-    g = torch.Generator().manual_seed(0)
-    for i, (size, mode) in enumerate([((20, 16), "RGB"), ((16, 16), "L"), ((24, 30), "RGBA"), ((16, 18), "RGB")]):
-        array = torch.randint(0, 256, (size[1], size[0], 3), generator=g, dtype=torch.uint8).numpy()
-        Image.fromarray(array).convert(mode).save(tmp_path / f"{i}.png")
-    dataset = ImageFileDataset.from_folder(tmp_path, 12)
-    assert len(dataset) == 4
-    source = BatchSource(dataset, "stream", 2, seed=0, device=torch.device("cpu"), workers=1)
-    batches = list(source.epoch(0))
-    assert len(batches) == 2 and all(b.shape == (2, 3, 12, 12) and b.dtype == torch.uint8 for b in batches)
-    first = torch.from_numpy(np.array(Image.open(tmp_path / "0.png"))).permute(2, 0, 1).contiguous()
-    expected = resize_images(first, 12)
-    assert torch.equal(dataset[0], expected)
-
-
 def test_read_metrics_counts_a_repeated_step_once(tmp_path):
     path = tmp_path / "metrics.jsonl"
     records = [{"kind": "step", "step": 1, "loss": 5.0}, {"kind": "step", "step": 2, "loss": 4.0},
@@ -153,3 +139,79 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one(tmp_path, monkeypatch
     state = checkpoints.load_checkpoint(path)
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.ones(3))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_epoch_order_is_drawn_on_the_cpu_whatever_the_device():
+    # Bug: the order came from a generator on the data's device, so device-resident and streamed data (and a
+    # resume that placed the data elsewhere) saw different batches on a GPU. The meta device stands in for one.
+    data = tiny_splits().pretrain
+    expected = torch.randperm(48, generator=torch.Generator().manual_seed(step_seed(3, 1, -1)))
+    assert torch.equal(epoch_order(3, 1, 48), expected)
+    elsewhere = BatchSource(data, "device", 16, seed=3, device=torch.device("meta"))
+    assert [b.shape for b in elsewhere.epoch(1)] == [(16, 3, 16, 16)] * 3
+
+
+def test_knn_every_0_monitors_after_the_last_epoch_only(tmp_path):
+    splits = tiny_splits()
+    pretrain(tiny_config(knn_every=0, epochs=3), splits, splits.pretrain, tmp_path, progress=False)
+    epochs = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert ["knn_monitor_top1" in r for r in epochs] == [False, False, True]
+
+
+def test_the_loop_uses_the_schedules_learning_rate_at_every_step(tmp_path):
+    # 48 images / batch 16 = 3 steps per epoch; 4 epochs with 1.5 of warmup: 12 steps, 4.5 -> 4 warmup steps
+    splits = tiny_splits()
+    config = tiny_config(epochs=4, warmup_epochs=1.5, optimizer="sgd", lr=0.4)
+    pretrain(config, splits, splits.pretrain, tmp_path, progress=False)
+    logged = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "step"]
+    base = scaled_lr(0.4, 16, "linear")
+    expected = [base * warmup_cosine(step, 12, round(1.5 * 3)) for step in range(12)]
+    assert logged == pytest.approx(expected, rel=1e-12)
+
+
+def test_make_augment_passes_every_configured_probability_on():
+    splits = tiny_splits()
+    augment = make_augment(tiny_config(gray_prob=0.7, color_strength=1.5, crop_scale_min=0.3, blur_prob=0.25),
+                           splits)
+    assert (augment.gray_prob, augment.color_strength, augment.crop_scale, augment.blur_prob) == (0.7, 1.5,
+                                                                                                  (0.3, 1.0), 0.25)
+    assert augment.image_size == 16 and tuple(augment.mean.flatten().tolist()) == splits.mean
+    images = torch.randint(0, 256, (400, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    views = make_augment(tiny_config(gray_prob=1.0), splits)(images, torch.Generator().manual_seed(0))
+    grey = views * augment.std + augment.mean  # back to [0, 1]: every view grey means the setting reached it
+    assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-5) and torch.allclose(grey[:, 1], grey[:, 2], atol=1e-5)
+
+
+def test_resume_restores_the_callers_random_state(tmp_path, monkeypatch):
+    # The loop seeds its own draws; the global RNG is the caller's and a resumed run must hand it back as it was.
+    splits = tiny_splits()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "part").mkdir()
+    torch.manual_seed(123)
+    pretrain(tiny_config(), splits, splits.pretrain, tmp_path / "full", progress=False)
+    after_full = torch.get_rng_state()
+    real_call, calls = TrainStep.__call__, []
+
+    def stop_after_four(self, images, generator):
+        calls.append(1)
+        if len(calls) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_call(self, images, generator)
+
+    monkeypatch.setattr(TrainStep, "__call__", stop_after_four)
+    torch.manual_seed(123)
+    with pytest.raises(Interrupted):
+        pretrain(tiny_config(), splits, splits.pretrain, tmp_path / "part", progress=False)
+    monkeypatch.setattr(TrainStep, "__call__", real_call)
+    torch.manual_seed(999)  # another caller state in between
+    pretrain(tiny_config(), splits, splits.pretrain, tmp_path / "part", resume=True, progress=False)
+    assert torch.equal(torch.get_rng_state(), after_full)
+
+
+def test_keep_deletes_the_oldest_checkpoints_not_the_first_names(tmp_path):
+    writer = CheckpointWriter(tmp_path, keep=1)
+    for epoch, step in [(6, 0), (7, 0), (7, 12), (8, 0)]:
+        writer.write({"epoch": epoch, "step_in_epoch": step})
+    # checkpoint.pt is epoch 8; the one kept before it is the mid-epoch (7, 12), newer than the end of epoch 7.
+    kept = sorted(p.name for p in tmp_path.glob("checkpoint-*.pt"))
+    assert kept == ["checkpoint-epoch0007-step0012.pt"]

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from simclr_lib import viz  # noqa: E402
 from simclr_lib.cli import main as cli_main  # noqa: E402
 from simclr_lib.errors import UserError  # noqa: E402
-from simclr_lib.report import write_report  # noqa: E402
+from simclr_lib.report import fresh_path, latest_path, write_report  # noqa: E402
 
 CLASSES = ["cat", "dog", "ship"]
 
@@ -163,23 +163,22 @@ def test_save_figure_writes_png(tmp_path):
 
 
 def make_run(root: Path, name: str, with_eval: bool) -> Path:
-    """A fake run folder; the full one has config, summary, eval.json and two figures, the other only summary."""
+    """A fake run folder: config and summary; the full one also two evaluations and three figure files."""
     run = root / name
     run.mkdir(parents=True)
-    summary = {"preset": "quick", "dataset": "cifar10", "backbone": "resnet18", "width": 8, "epochs": 16,
-               "batch_size": 256, "optimizer": "lars", "temperature": 0.5, "pretrain_images": 10000,
-               "device": "CPU (2 cores)", "knn_top1": 41.0, "linear_top1": 44.5, "random_init_knn_top1": 26.17,
-               "random_init_linear_top1": 29.126, "pretrain_seconds": 267.2, "total_seconds": 311.2,
-               "protocol": "full test set, last epoch, nothing selected on the test set", "run_dir": str(run)}
+    config = {"preset": "quick", "dataset": "cifar10", "backbone": "resnet18", "width": 8, "epochs": 16,
+              "batch_size": 256, "optimizer": "lars", "temperature": 0.5, "lr": 1.0, "lr_scaling": "linear",
+              "weight_decay": 1e-6, "train_subset": 10000, "seed": 0}
+    # summary.json's accuracies are never shown: accuracies come from eval.json only.
+    summary = {"pretrain_images": 10000, "device": "CPU (2 cores)", "knn_top1": 11.0, "linear_top1": 11.5,
+               "pretrain_seconds": 267.2, "total_seconds": 311.2, "run_dir": str(run)}
     if not with_eval:
-        summary.update(preset="cifar10-r18", knn_top1=76.52, linear_top1=80.66, device="NVIDIA H200")
-        (run / "summary.json").write_text(json.dumps(summary))
-        return run
-    (run / "summary.json").write_text(json.dumps(summary))
-    config = {**{k: summary[k] for k in ("preset", "dataset", "backbone", "width", "epochs", "batch_size",
-                                         "optimizer", "temperature")},
-              "lr": 1.0, "lr_scaling": "linear", "weight_decay": 1e-6, "train_subset": 10000, "seed": 0}
+        config = {k: v for k, v in config.items() if k != "lr"} | {"preset": "cifar10-r18"}
+        summary["device"] = "NVIDIA H200"
     (run / "config.json").write_text(json.dumps(config))
+    (run / "summary.json").write_text(json.dumps(summary))
+    if not with_eval:
+        return run
     evaluation = {
         "device": "CPU (2 cores)", "seconds": 123.4,
         "knn": {"top1": 42.9, "random_init_top1": 26.2, "protocol": "weighted kNN k=200", "split": "test"},
@@ -189,9 +188,11 @@ def make_run(root: Path, name: str, with_eval: bool) -> Path:
                      "1": {"top1": 30.1, "protocol": "fine-tune", "epochs": 30, "labelled_images": 500}},
         "supervised": {"1": {"top1": 25.0, "protocol": "from scratch", "epochs": 30}},
     }
-    (run / "eval.json").write_text(json.dumps(evaluation))
+    # An earlier evaluation stays beside the latest one (nothing is overwritten); the report reads the latest.
+    (run / "eval.json").write_text(json.dumps({"knn": {"top1": 1.0, "protocol": "old kNN"}}))
+    (run / "eval-2.json").write_text(json.dumps(evaluation))
     (run / "figures").mkdir()
-    for figure in ("tsne", "training_curves"):
+    for figure in ("tsne", "tsne-2", "training_curves"):
         plt.imsave(run / "figures" / f"{figure}.png", np.zeros((4, 4, 3)))
     return run
 
@@ -216,6 +217,32 @@ def runs(tmp_path):
     return make_run(tmp_path / "runs", "full", with_eval=True), make_run(tmp_path / "runs", "bare", with_eval=False)
 
 
+def test_fresh_and_latest_path_number_versions(tmp_path):
+    path = tmp_path / "eval.json"
+    assert latest_path(path) is None and fresh_path(path) == path
+    assert latest_path(tmp_path / "missing-folder" / "eval.json") is None
+    path.write_text("{}")
+    assert latest_path(path) == path and fresh_path(path) == tmp_path / "eval-2.json"
+    for n in range(2, 11):
+        assert fresh_path(path) == tmp_path / f"eval-{n}.json"
+        fresh_path(path).write_text("{}")
+    assert latest_path(path) == tmp_path / "eval-10.json"  # numerically, 10 > 9
+    assert fresh_path(path) == tmp_path / "eval-11.json"
+    # Only a trailing -N (N >= 2) of the same stem and suffix is a version.
+    for other in ("eval-99.txt", "eval-x.json", "eval-01.json", "eval-2-3.json", "my-eval-12.json", "eval-12.json.bak"):
+        (tmp_path / other).write_text("{}")
+    assert latest_path(path) == tmp_path / "eval-10.json"
+    figure = tmp_path / "training_curves.png"
+    (tmp_path / "training_curves-3.png").write_text("")
+    assert latest_path(figure) == tmp_path / "training_curves-3.png"  # version 1 itself may be gone
+    assert fresh_path(figure) == tmp_path / "training_curves-4.png"  # after the newest: it stays the latest
+    hyphenated = tmp_path / "label-fractions.png"
+    assert latest_path(hyphenated) is None and fresh_path(hyphenated) == hyphenated
+    (tmp_path / "quick-20250101-120000").mkdir()  # folders too: a run folder named by its start time
+    assert fresh_path(tmp_path / "quick-20250101-120000") == tmp_path / "quick-20250101-120000-2"
+    assert fresh_path(tmp_path / "quick-20250101-120001") == tmp_path / "quick-20250101-120001"
+
+
 def test_write_report_two_runs_side_by_side(runs):
     full, bare = runs
     path = write_report([full, bare])
@@ -229,22 +256,27 @@ def test_write_report_two_runs_side_by_side(runs):
     assert table_row(text, "hardware (pretraining)") == ["CPU (2 cores)", "NVIDIA H200"]
     assert table_row(text, "wall time: evaluation (eval.json)") == ["123 s (2.1 min)", "—"]
     assert table_row(text, "wall time: pretraining") == ["267 s (4.5 min)", "267 s (4.5 min)"]
-    # eval.json's numbers win over summary.json's; the bare run falls back to its summary.
-    assert table_row(text, "kNN") == ["42.90 %", "76.52 %"]
-    assert table_row(text, "linear probe") == ["44.50 %", "80.66 %"]
-    assert table_row(text, "linear probe, same network at random init") == ["29.10 %", "29.13 %"]
+    # Accuracies come from the latest eval file only; the bare run has none, so '—' (summary.json is not read).
+    assert table_row(text, "kNN") == ["42.90 %", "—"]
+    assert table_row(text, "linear probe") == ["44.50 %", "—"]
+    assert table_row(text, "linear probe, same network at random init") == ["29.10 %", "—"]
     # Fractions: the union over runs and kinds, in numeric order, '—' where not measured.
     assert table_row(text, "fine-tuned, 1 % of labels") == ["30.10 %", "—"]
     assert table_row(text, "fine-tuned, 10 % of labels") == ["55.55 %", "—"]
     assert table_row(text, "supervised from scratch, 1 % of labels") == ["25.00 %", "—"]
     assert table_row(text, "supervised from scratch, 10 % of labels") == ["—", "—"]
     assert text.index("fine-tuned, 1 %") < text.index("fine-tuned, 10 %")
-    assert "full test set, last epoch, nothing selected on the test set" in text
+    # Protocols of the latest evaluation; the earlier file is named so it stays findable.
+    assert "- `full`: eval-2.json (earlier evaluations: eval.json)" in text
+    assert "  - kNN: weighted kNN k=200, test split" in text and "old kNN" not in text
     assert "  - fine-tuning (1 %, 10 %): fine-tune, 30 epochs" in text  # equal protocols merged
+    assert "- `bare`: no eval.json" in text
     links = image_links(text)
-    assert links == ["figures/training_curves.png", "figures/tsne.png"]
+    assert links == ["figures/training_curves.png", "figures/tsne-2.png"]  # the latest version of each figure
     assert all((path.parent / link).is_file() for link in links)
     assert "No figures saved." in text  # the bare run's section
+    # A second report goes beside the first one.
+    assert write_report([full]) == full / "report-2.md" and path.read_text() == text
 
 
 def test_write_report_elsewhere_has_working_relative_links(runs, tmp_path):
@@ -264,10 +296,13 @@ def test_write_report_elsewhere_has_working_relative_links(runs, tmp_path):
 def test_report_command_line_and_bad_input(runs, tmp_path, capsys):
     full, bare = runs
     (bare / "config.json").write_text("{ not json")  # a damaged file is shown as missing, not a crash
+    (full / "eval-3.json").write_text("[1, 2]")  # so is an eval file that is not a JSON object
     out = tmp_path / "cli.md"
     assert cli_main(["report", str(full), str(bare), "--out", str(out)]) == 0
     assert capsys.readouterr().out.strip() == f"wrote {out}"
-    assert all((out.parent / link).is_file() for link in image_links(out.read_text()))
+    text = out.read_text()
+    assert all((out.parent / link).is_file() for link in image_links(text))
+    assert table_row(text, "preset") == ["quick", "—"] and table_row(text, "kNN") == ["—", "—"]
     with pytest.raises(UserError):
         write_report([tmp_path / "no-such-run"])
     with pytest.raises(UserError):

@@ -4,8 +4,7 @@
 images' device and `apply` applies them to the whole batch, with no Python loop over images and no host-device
 synchronisation. `reference_view` is the readable per-image torchvision path with the same parameters; the tests
 check that both agree. `pil_pipeline` is the classic per-image PIL pipeline of the popular SimCLR repositories,
-for statistics tests and speed comparisons. `normalize` is the one normalisation of the package.
-"""
+for statistics tests and speed comparisons. `normalize` is the one normalisation of the package."""
 
 from __future__ import annotations
 
@@ -39,10 +38,8 @@ def to_unit_float(images: Tensor) -> Tensor:
 
 
 def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
-    """uint8 or [0, 1] float images (B, 3, H, W) -> float32 (x - mean) / std per channel, as torchvision's normalize.
-
-    `mean` and `std` are 3 floats each or tensors broadcastable to (1, 3, 1, 1), e.g. a model's buffers.
-    """
+    """uint8 or [0, 1] float images (B, 3, H, W) -> float32 (x - mean) / std per channel, as torchvision's normalize;
+    `mean` and `std` are 3 floats each or tensors broadcastable to (1, 3, 1, 1), e.g. a model's buffers."""
     x = to_unit_float(images)
     mean, std = (torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(-1, 1, 1) for v in (mean, std))
     return x.sub(mean).div_(std)  # sub makes a new tensor: a float input is never modified
@@ -75,9 +72,7 @@ class ViewParams:
 
 def _color_transform(images: Tensor, matrix: Tensor, bias: Tensor) -> Tensor:
     """out[b] = matrix[b] @ pixel + bias[b] for every pixel: one batched matmul, matrix (B, 3, 3), bias (B, 3, 1).
-
-    On a CPU this is several times faster than the equivalent broadcast elementwise ops; on a GPU one kernel.
-    """
+    On a CPU this is several times faster than the equivalent broadcast elementwise ops; on a GPU one kernel."""
     return torch.baddbmm(bias, matrix, images.reshape(images.shape[0], 3, -1)).view_as(images)
 
 
@@ -88,23 +83,17 @@ def _gray_matrix(device: torch.device, dtype: torch.dtype) -> Tensor:
 
 def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
     """Rotate the HSV hue of (B, 3, H, W) images in [0, 1] by a per-image `shift` (B,), as torchvision does.
-
     A hue rotation keeps V = max(r, g, b) and the chroma max - min, so the result is written directly
-    with the closed form of HSV -> RGB instead of building the full H, S, V stack.
-    """
+    with the closed form of HSV -> RGB instead of building the full H, S, V stack."""
     r, g, b = images.unbind(dim=1)
-    maxc = images.amax(dim=1)
-    minc = images.amin(dim=1)
+    maxc, minc = images.amax(dim=1), images.amin(dim=1)
     chroma = maxc - minc
     # Grey pixels (chroma 0) have hue 0 by convention; a divisor of 1 keeps them finite.
     divisor = chroma.masked_fill(chroma == 0, 1.0)
     # Hue in sixths of a turn, in (-1, 5]; which channel is largest picks the sector (ties: r, then g).
     # (In-place ops on fresh temporaries save allocations, which dominate on CPU at this size.)
-    hue6 = torch.where(
-        maxc == r,
-        (g - b).div_(divisor),
-        torch.where(maxc == g, (b - r).div_(divisor).add_(2.0), (r - g).div_(divisor).add_(4.0)),
-    )
+    hue6 = torch.where(maxc == r, (g - b).div_(divisor),
+                       torch.where(maxc == g, (b - r).div_(divisor).add_(2.0), (r - g).div_(divisor).add_(4.0)))
     # Shifting by `shift` turns adds 6 * shift sixths; one mod 6 on the single hue channel wraps it to [0, 6).
     hue6 = hue6.add_(6.0 * shift.view(-1, 1, 1)).remainder_(6.0).unsqueeze(1)
     # HSV -> RGB for hue h in [0, 6): each channel is min + chroma * clamp(a * |h - c| + b, 0, 1), a piecewise
@@ -117,11 +106,9 @@ def _shift_hue(images: Tensor, shift: Tensor) -> Tensor:
 
 def _jitter_maps(ops: Tensor, params: ViewParams, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Affine colour maps of the brightness, contrast or saturation op chosen by `ops` (B, K); other values: identity.
-
     Each is torchvision's blend clamp(f x + (1 - f) ref) with ref = 0, the mean grey level or the grey image:
     f I, f I + (1 - f) mean grey, f I + (1 - f) 1 w^T (w the luma weights). Returns the matrices (B, K, 3, 3)
-    and the weight of the mean grey level in the bias (B, K).
-    """
+    and the weight of the mean grey level in the bias (B, K)."""
     brightness, contrast, saturation = (v.to(dtype).view(-1, 1) for v in (params.brightness, params.contrast,
                                                                             params.saturation))
     factor = torch.where(ops == BRIGHTNESS, brightness,
@@ -144,10 +131,8 @@ def _apply_jitter_map(images: Tensor, matrix: Tensor, mean_weight: Tensor) -> Te
 
 def _color_jitter(images: Tensor, params: ViewParams) -> Tensor:
     """Colour jitter with a per-image random order of the four ops, for the images where `params.jitter`.
-
     Hue is the costly op, so it runs once for the whole batch: the cheap ops that come before hue in an image's
-    order run in three "pre" stages, then hue, then the remaining cheap ops in three "post" stages.
-    """
+    order run in three "pre" stages, then hue, then the remaining cheap ops in three "post" stages."""
     order = params.order
     # Position of hue in each image's order (0..3); the cheap ops in order are the others (B, 3).
     hue_rank = (order == HUE).long().argmax(dim=1, keepdim=True)
@@ -171,11 +156,9 @@ def _color_jitter(images: Tensor, params: ViewParams) -> Tensor:
 
 def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -> Tensor:
     """Per-image resampling matrices (B, out_size, in_size) for resizing the window [start, start + length).
-
     Row o holds the weights of output pixel o: a triangle (bilinear) filter centred on the output pixel's
     position in the input, widened by the scale factor when downscaling (antialiasing) and normalised over
-    the pixels inside the window - the same weights as torchvision's `resize(antialias=True)` of the crop.
-    """
+    the pixels inside the window - the same weights as torchvision's `resize(antialias=True)` of the crop."""
     dtype = start.dtype if start.is_floating_point() else torch.float32
     start, length = start.to(dtype), length.to(dtype)
     scale = length / out_size
@@ -183,9 +166,8 @@ def resize_weights(start: Tensor, length: Tensor, in_size: int, out_size: int) -
     centre = start.view(-1, 1, 1) + (torch.arange(out_size, device=start.device, dtype=dtype).view(1, -1, 1)
                                       + 0.5) * scale.view(-1, 1, 1)
     pixel = torch.arange(in_size, device=start.device, dtype=dtype).view(1, 1, -1) + 0.5
-    weights = (1.0 - ((pixel - centre) / support.view(-1, 1, 1)).abs()).clamp_(min=0.0)
     inside = (pixel > start.view(-1, 1, 1)) & (pixel < (start + length).view(-1, 1, 1))
-    weights = weights * inside
+    weights = (1.0 - ((pixel - centre) / support.view(-1, 1, 1)).abs()).clamp_(min=0.0) * inside
     return weights / weights.sum(dim=2, keepdim=True)
 
 
@@ -206,27 +188,16 @@ def _gaussian_blur(images: Tensor, sigma: Tensor, kernel_size: int) -> Tensor:
 
 class SimCLRAugment(torch.nn.Module):
     """SimCLR's random view of each image of a batch (B, 3, H, W), every parameter drawn per image.
-
     Pipeline (paper, Appendix A): random resized crop + horizontal flip, colour jitter of strength s in a
     random order with probability `color_prob`, random grayscale, optional Gaussian blur, normalisation.
     The crop is resampled as torchvision's `resized_crop(antialias=True)`; colour ops are batched 3x3 colour
-    matrices, so the step costs a handful of batched matmuls.
-    """
+    matrices, so the step costs a handful of batched matmuls."""
 
-    def __init__(
-        self,
-        image_size: int = 32,
-        crop_scale: tuple[float, float] = (0.08, 1.0),
-        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
-        flip_prob: float = 0.5,
-        color_strength: float = 0.5,
-        color_prob: float = 0.8,
-        gray_prob: float = 0.2,
-        blur_prob: float = 0.0,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        mean: Sequence[float] = CIFAR10_MEAN,
-        std: Sequence[float] = CIFAR10_STD,
-    ) -> None:
+    def __init__(self, image_size: int = 32, crop_scale: tuple[float, float] = (0.08, 1.0),
+                 crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_prob: float = 0.5,
+                 color_strength: float = 0.5, color_prob: float = 0.8, gray_prob: float = 0.2, blur_prob: float = 0.0,
+                 blur_sigma: tuple[float, float] = (0.1, 2.0), mean: Sequence[float] = CIFAR10_MEAN,
+                 std: Sequence[float] = CIFAR10_STD) -> None:
         super().__init__()
         if not 0.0 <= color_strength <= MAX_COLOR_STRENGTH:
             raise ValueError(f"color_strength must be in [0, {MAX_COLOR_STRENGTH}], got {color_strength}")
@@ -234,12 +205,11 @@ class SimCLRAugment(torch.nn.Module):
                         ("blur_prob", blur_prob)):
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
-        self.image_size = int(image_size)
+        self.image_size, self.color_strength = int(image_size), float(color_strength)
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
         self.flip_prob, self.color_prob = float(flip_prob), float(color_prob)
         self.gray_prob, self.blur_prob = float(gray_prob), float(blur_prob)
-        self.color_strength = float(color_strength)
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         # Buffers follow `.to(device)`, so normalising never copies host memory to the device.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -259,10 +229,8 @@ class SimCLRAugment(torch.nn.Module):
     def sample_params(self, batch_size: int, height: int, width: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> ViewParams:
         """Draw one view's parameters per image for a batch of `height` x `width` inputs, as tensors.
-
         Parameters are drawn on the generator's device (or `device` with the default generator) and
-        returned on `device` if given; use a generator on the images' device to avoid any copy.
-        """
+        returned on `device` if given; use a generator on the images' device to avoid any copy."""
         draw_device = generator.device if generator is not None else torch.device(device or "cpu")
         target = torch.device(device) if device is not None else draw_device
 
@@ -285,14 +253,12 @@ class SimCLRAugment(torch.nn.Module):
 
     def _sample_crops(self, B: int, height: int, width: int, uniform: Callable[..., Tensor]) -> Tensor:
         """RandomResizedCrop's (top, left, height, width) per image: first valid attempt, else centre."""
-        log_r0, log_r1 = math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])
         target_area = height * width * uniform((B, CROP_ATTEMPTS), *self.crop_scale)
-        aspect = torch.exp(uniform((B, CROP_ATTEMPTS), log_r0, log_r1))
+        aspect = torch.exp(uniform((B, CROP_ATTEMPTS), math.log(self.crop_ratio[0]), math.log(self.crop_ratio[1])))
         w = torch.round(torch.sqrt(target_area * aspect))
         h = torch.round(torch.sqrt(target_area / aspect))
         valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
-        # argmax returns the first maximum, i.e. the first valid attempt.
-        first = valid.int().argmax(dim=1, keepdim=True)
+        first = valid.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum: the first valid attempt
         found = valid.any(dim=1)
         fb_top, fb_left, fb_h, fb_w = self._fallback_crop(height, width)
         h = torch.where(found, h.gather(1, first).squeeze(1), float(fb_h))
@@ -316,10 +282,8 @@ class SimCLRAugment(torch.nn.Module):
 
     def crop_flip_resize(self, images: Tensor, params: ViewParams) -> Tensor:
         """Crop, flip and resize uint8 or [0, 1] float images to float image_size x image_size: two batched matmuls.
-
         Resizing is separable: view = Wy @ image @ Wx^T per channel with the `resize_weights` of each crop, and a
-        flip reverses the rows of Wx - what torchvision's `resized_crop(antialias=True)` + `hflip` compute.
-        """
+        flip reverses the rows of Wx - what torchvision's `resized_crop(antialias=True)` + `hflip` compute."""
         batch, channels, height, width = images.shape
         size = self.image_size
         images = to_unit_float(images)
@@ -362,10 +326,8 @@ class SimCLRAugment(torch.nn.Module):
 
 
 def reference_view(image: Tensor, params: ViewParams, index: int, augment: SimCLRAugment) -> Tensor:
-    """The readable per-image path with torchvision.transforms.functional for image `index`'s parameters.
-
-    `image` is one (3, H, W) image, uint8 or float in [0, 1]; returns the normalised (3, S, S) view.
-    """
+    """The readable per-image path with torchvision.transforms.functional for image `index`'s parameters:
+    `image` is one (3, H, W) image, uint8 or float in [0, 1]; returns the normalised (3, S, S) view."""
     x = to_unit_float(image)
     top, left, h, w = (int(v) for v in params.crop[index].tolist())
     x = TF.resized_crop(x, top, left, h, w, [augment.image_size, augment.image_size], antialias=True)
@@ -390,12 +352,8 @@ def pil_pipeline(image_size: int = 32, color_strength: float = 0.5, blur_prob: f
                  crop_scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
     """The classic per-image PIL pipeline of the popular SimCLR repos; torchvision draws its parameters."""
     s = color_strength
-    steps: list = [
-        T.RandomResizedCrop(image_size, scale=crop_scale),
-        T.RandomHorizontalFlip(),
-        T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-    ]
+    steps: list = [T.RandomResizedCrop(image_size, scale=crop_scale), T.RandomHorizontalFlip(),
+                   T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(p=0.2)]
     if blur_prob > 0:
         kernel_size = SimCLRAugment(image_size=image_size).blur_kernel_size
         steps.append(T.RandomApply([T.GaussianBlur(kernel_size, sigma=(0.1, 2.0))], p=blur_prob))

@@ -105,8 +105,7 @@ def bench_augmentation(images: torch.Tensor, device: torch.device, batch: int = 
 def bench_loss(device: torch.device, n: int = 1024, dim: int = 128, repeat: int = 20) -> dict[str, Any]:
     """Forward + backward time of `nt_xent_loss` and of the mask-and-gather formulation, same inputs."""
     generator = torch.Generator(device=device).manual_seed(0)
-    z1 = torch.randn(n, dim, device=device, generator=generator, requires_grad=True)
-    z2 = torch.randn(n, dim, device=device, generator=generator, requires_grad=True)
+    z1, z2 = (torch.randn(n, dim, device=device, generator=generator, requires_grad=True) for _ in range(2))
 
     def fwd_bwd(loss_fn: Callable[..., torch.Tensor]) -> None:
         z1.grad = z2.grad = None

@@ -12,8 +12,6 @@ from typing import Any
 from .config import FIELDS, PRESETS, RESUMABLE, TYPES, load_config, make_config, read_config_file
 from .errors import Interrupted, UserError
 
-COMMANDS = ("train", "evaluate", "eval", "tsne", "report", "bench")
-
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a usage mistake as one line and exit code 2, without the usage block."""
@@ -56,16 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     """The `simclr` parser with its subcommands."""
     parser = OneLineParser(prog="simclr", description="SimCLR on CIFAR-10: pretrain, evaluate, summarise.")
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
-    presets = "; ".join(PRESETS)
     train = sub.add_parser("train", help="pretrain, evaluate (kNN + linear probe) and summarise (the default)",
-                           description=f"Pretrain -> evaluate -> figures -> summary. Presets: {presets}. "
+                           description=f"Pretrain -> evaluate -> figures -> summary. Presets: {'; '.join(PRESETS)}. "
                            "Other commands: evaluate, tsne, report (see `simclr evaluate --help`).")
     train.add_argument("--preset", default="quick", help="named recipe; every value can be overridden by a flag")
     train.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<timestamp>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    train.add_argument("--config", default=None, metavar="JSON",
-                       help="start from a config.json (e.g. another run's); its values replace the preset's, "
-                       "flags override both")
+    train.add_argument("--config", metavar="JSON", help="start from a config.json (e.g. another run's); its values "
+                       "replace the preset's, flags override both")
     train.add_argument("--no-progress", action="store_true", help="no progress bars (logs only)")
     add_config_flags(train)
     ev = sub.add_parser("evaluate", aliases=["eval"], help="evaluate a trained model: kNN, linear probe, "
@@ -76,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--label-fractions", default="1,10", metavar="PCTS",
                     help="percent of train labels for fine-tuning, comma-separated ('' for none; default 1,10)")
     ev.add_argument("--no-supervised", action="store_true", help="skip the supervised-from-scratch baseline")
-    add_config_flags(ev, ("probe_epochs", "finetune_epochs", "finetune_lr", "finetune_batch_size",
-                          "eval_batch_size"))
+    add_config_flags(ev, ("probe_epochs", "finetune_epochs", "finetune_lr", "finetune_batch_size", "eval_batch_size"))
     ts = sub.add_parser("tsne", help="t-SNE of test representations (trained vs random init) and a retrieval figure")
     _source_args(ts)
     add_config_flags(ts, ("tsne_points",))
@@ -90,12 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "process on one device.")
     bn.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     bn.add_argument("--batch-sizes", default="256,512", metavar="B,B", help="training-step batch sizes")
-    bn.add_argument("--width", type=_at_least(1), default=None, help="ResNet-18 width (default: 64 on a GPU, 8 on "
-                    "a CPU)")
-    bn.add_argument("--steps", type=_at_least(1), default=None, help="timed training steps (default: 30 on a GPU, "
-                    "4 on a CPU)")
-    bn.add_argument("--workers", type=_at_least(0), default=None, help="DataLoader workers of the per-image path "
-                    "(default: CPU cores, at most 16)")
+    bn.add_argument("--width", type=_at_least(1), help="ResNet-18 width (default: 64 on a GPU, 8 on a CPU)")
+    bn.add_argument("--steps", type=_at_least(1), help="timed training steps (default: 30 on a GPU, 4 on a CPU)")
+    bn.add_argument("--workers", type=_at_least(0),
+                    help="DataLoader workers of the per-image path (default: CPU cores, at most 16)")
     bn.add_argument("--compile", action="store_true", help="torch.compile the fast path (model, augmentation, loss)")
     bn.add_argument("--data-root", default="data", help="CIFAR-10 location (random images when it is missing)")
     bn.add_argument("--out", default=None, help="JSON file (default: runs/bench-<timestamp>.json)")
@@ -191,18 +184,20 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+HANDLERS = {"train": cmd_train, "evaluate": cmd_evaluate, "eval": cmd_evaluate, "tsne": cmd_tsne, "report": cmd_report,
+            "bench": cmd_bench}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `simclr` and `python run.py`; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     # Warnings (e.g. skipped images) as one plain line, without the source line Python adds by default.
     warnings.formatwarning = lambda message, category, *args, **kwargs: f"warning: {message}\n"
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] not in HANDLERS:
         argv = ["train", *argv]  # `python run.py --epochs 3` means `simclr train --epochs 3`; --help shows its flags
     args = build_parser().parse_args(argv)
     try:
-        handlers = {"train": cmd_train, "evaluate": cmd_evaluate, "eval": cmd_evaluate, "tsne": cmd_tsne,
-                    "report": cmd_report, "bench": cmd_bench}
-        handlers[args.command](args)
+        HANDLERS[args.command](args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -24,15 +24,11 @@ def _f(default: Any, help: str, ok: Callable[[Any], bool] | None = None, need: s
 
 
 def _at_least(low: float) -> dict[str, Any]:
-    return {"ok": lambda v: v is None or v >= low, "need": f"at least {low:g}"}
+    return {"ok": lambda v: v >= low, "need": f"at least {low:g}"}
 
 
-def _positive() -> dict[str, Any]:
-    return {"ok": lambda v: v is None or v > 0, "need": "greater than 0"}
-
-
-def _probability() -> dict[str, Any]:
-    return {"ok": lambda v: v is None or 0 <= v <= 1, "need": "in [0, 1]"}
+_POSITIVE = {"ok": lambda v: v > 0, "need": "greater than 0"}
+_PROBABILITY = {"ok": lambda v: 0 <= v <= 1, "need": "in [0, 1]"}
 
 
 @dataclass(frozen=True)
@@ -44,16 +40,14 @@ class Config:
     dataset: str = _f("cifar10", "cifar10, cifar100, stl10 or folder", choices=DATASETS)
     data_root: str = _f("data", "where data sets are looked for (and downloaded to)")
     download: bool = _f(True, "allow a torchvision download when the data is not on disk")
-    image_size: int | None = _f(None, "side of the square views (default: the data set's image size)",
-                                **_at_least(8))
+    image_size: int | None = _f(None, "side of the square views (default: the data set's image size)", **_at_least(8))
     train_subset: int | None = _f(None, "pretrain on a class-balanced subset of this many images", **_at_least(2))
     skip_bad_images: bool = _f(False, "skip (and count) unreadable images in a folder data set instead of stopping")
     # model
     backbone: str = _f("resnet18", "resnet18 or resnet50", choices=BACKBONES)
     width: int = _f(64, "channels of the first ResNet stage (64 = the standard network)", **_at_least(1))
     cifar_stem: bool = _f(True, "3x3 stride-1 conv1 and no max-pool (for small images)")
-    proj_hidden_dim: int | None = _f(None, "hidden width of the projection head (default: feature dim)",
-                                     **_at_least(1))
+    proj_hidden_dim: int | None = _f(None, "hidden width of the projection head (default: feature dim)", **_at_least(1))
     proj_dim: int = _f(128, "output dimension of the projection head", **_at_least(1))
     proj_batch_norm: bool = _f(False, "BatchNorm in the projection head")
     # optimisation
@@ -61,27 +55,25 @@ class Config:
     batch_size: int = _f(256, "images per step (each gives two views)", lambda v: v >= 2,
                          "at least 2 (NT-Xent needs negatives)")
     optimizer: str = _f("lars", "lars, sgd or adam", choices=OPTIMIZERS)
-    lr: float = _f(1.0, "base learning rate, scaled by lr_scaling", **_positive())
+    lr: float = _f(1.0, "base learning rate, scaled by lr_scaling", **_POSITIVE)
     lr_scaling: str = _f("linear", "linear (lr*batch/256), sqrt (lr*sqrt(batch)) or none", choices=LR_SCALINGS)
     weight_decay: float = _f(1e-6, "weight decay (not on BatchNorm parameters and biases)", **_at_least(0))
     momentum: float = _f(0.9, "momentum of LARS and SGD", lambda v: 0 <= v < 1, "in [0, 1)")
     warmup_epochs: float = _f(0.0, "linear warmup before the cosine decay", **_at_least(0))
-    temperature: float = _f(0.5, "NT-Xent temperature", **_positive())
+    temperature: float = _f(0.5, "NT-Xent temperature", **_POSITIVE)
     # augmentation
-    crop_scale_min: float = _f(0.08, "smallest crop area as a fraction of the image", lambda v: 0 < v <= 1,
-                               "in (0, 1]")
+    crop_scale_min: float = _f(0.08, "smallest crop area as a fraction of the image", lambda v: 0 < v <= 1, "in (0, 1]")
     color_strength: float = _f(0.5, "colour distortion strength s (hue shift 0.2 s stays within torchvision's 0.5)",
                                lambda v: 0 <= v <= 2.5, "in [0, 2.5]")
-    gray_prob: float = _f(0.2, "probability of converting a view to grayscale", **_probability())
-    blur_prob: float | None = _f(None, "probability of Gaussian blur (default: 0.5 for stl10, else 0)",
-                                 **_probability())
+    gray_prob: float = _f(0.2, "probability of converting a view to grayscale", **_PROBABILITY)
+    blur_prob: float | None = _f(None, "probability of Gaussian blur (default: 0.5 for stl10, else 0)", **_PROBABILITY)
     # system
     seed: int = _f(0, "seed for the model init, data order and augmentations")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     compile: bool = _f(False, "torch.compile the model, the augmentation and the loss")
     time_budget: float | None = _f(None, "seconds of pretraining: as many epochs as fit (at most --epochs), "
                                          "measured on the first steps; the schedule spans exactly those epochs",
-                                   **_positive())
+                                   **_POSITIVE)
     data_placement: str = _f("auto", "device (whole uint8 set on the training device), stream (DataLoader "
                                      "with workers, pinned memory) or auto (device when it fits)", choices=PLACEMENTS)
     workers: int = _f(4, "DataLoader worker processes when streaming", **_at_least(0))
@@ -94,14 +86,13 @@ class Config:
     knn_monitor_size: int = _f(10000, "bank size (train) and at most a fifth of it as queries (test) for the "
                                       "monitor", **_at_least(10))
     knn_k: int = _f(200, "neighbours of the weighted kNN classifier", **_at_least(1))
-    knn_temperature: float = _f(0.1, "temperature of the kNN vote weights", **_positive())
+    knn_temperature: float = _f(0.1, "temperature of the kNN vote weights", **_POSITIVE)
     probe_epochs: int = _f(100, "epochs of the linear probe on frozen features", **_at_least(1))
-    probe_lr: float = _f(0.1, "learning rate of the linear probe (SGD + Nesterov, cosine)", **_positive())
+    probe_lr: float = _f(0.1, "learning rate of the linear probe (SGD + Nesterov, cosine)", **_POSITIVE)
     eval_batch_size: int = _f(512, "batch size for feature extraction", **_at_least(1))
-    finetune_epochs: int = _f(30, "epochs of label-fraction fine-tuning and of the supervised baseline",
-                              **_at_least(1))
+    finetune_epochs: int = _f(30, "epochs of label-fraction fine-tuning and of the supervised baseline", **_at_least(1))
     finetune_lr: float = _f(0.05, "learning rate of fine-tuning and the supervised baseline (SGD + Nesterov)",
-                            **_positive())
+                            **_POSITIVE)
     finetune_batch_size: int = _f(256, "batch size of fine-tuning and the supervised baseline", **_at_least(2))
     tsne_points: int = _f(2000, "test images shown in the t-SNE figure (class-balanced)", **_at_least(10))
 
@@ -119,8 +110,7 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         """A validated copy with `changes` applied."""
-        unknown = sorted(set(changes) - set(FIELDS))
-        if unknown:
+        if unknown := sorted(set(changes) - set(FIELDS)):
             raise UserError(f"unknown config key {unknown[0]!r}; known keys are the flags listed by --help")
         return dataclasses.replace(self, **changes)
 
@@ -142,6 +132,10 @@ RESUMABLE = ("device", "log_every", "knn_every", "eval_batch_size", "probe_epoch
 EVAL_SETTINGS = ("data_root", "device", "download", "eval_batch_size", "probe_epochs", "finetune_epochs",
                  "finetune_lr", "finetune_batch_size", "tsne_points", "skip_bad_images")
 
+# The seed repository's recipe (the README's table) with its defects fixed: CIFAR stem, per-step cosine.
+_SEED_R50 = dict(backbone="resnet50", epochs=400, optimizer="adam", lr=3e-4, lr_scaling="none", weight_decay=1e-6,
+                 warmup_epochs=0, temperature=0.07, blur_prob=0.5, knn_every=10)
+
 PRESETS: dict[str, dict[str, Any]] = {
     # Minutes on a laptop CPU: a narrow ResNet-18 (width 8, 64-d features) for 16 epochs of a 10k-image subset,
     # about 5-7 min on 2 CPU cores; its kNN accuracy beats the same network at random init by ~15 points.
@@ -152,13 +146,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     # the official code also puts BatchNorm in its projection head, which this preset does not (yet).
     "cifar10-r18": dict(backbone="resnet18", epochs=1000, batch_size=512, optimizer="lars", lr=1.0,
                         lr_scaling="linear", weight_decay=1e-4, warmup_epochs=10, temperature=0.5, knn_every=10),
-    # The seed repository's recipe (the README's table) with its defects fixed: CIFAR stem, per-step cosine.
-    "seed-r50-bs256": dict(backbone="resnet50", epochs=400, batch_size=256, optimizer="adam", lr=3e-4,
-                           lr_scaling="none", weight_decay=1e-6, warmup_epochs=0, temperature=0.07,
-                           blur_prob=0.5, knn_every=10),
-    "seed-r50-bs512": dict(backbone="resnet50", epochs=400, batch_size=512, optimizer="adam", lr=3e-4,
-                           lr_scaling="none", weight_decay=1e-6, warmup_epochs=0, temperature=0.07,
-                           blur_prob=0.5, knn_every=10),
+    "seed-r50-bs256": dict(_SEED_R50, batch_size=256),  # the seed repository's recipe (above) at its two batch sizes
+    "seed-r50-bs512": dict(_SEED_R50, batch_size=512),
     # The paper's CIFAR-10 recipe, Appendix B.9 (94.0 % linear eval with ResNet-50 at batch 1024).
     "paper-r50": dict(backbone="resnet50", epochs=1000, batch_size=1024, optimizer="lars", lr=0.3,
                       lr_scaling="linear", weight_decay=1e-6, warmup_epochs=10, temperature=0.5, knn_every=10),
@@ -175,8 +164,7 @@ def _check_type(key: str, value: Any) -> Any:
     if base is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if (base is bool) != isinstance(value, bool) or not isinstance(value, base):
-        raise UserError(f"config key {key!r} must be {base.__name__}{' or null' if optional else ''}, "
-                        f"got {value!r}")
+        raise UserError(f"config key {key!r} must be {base.__name__}{' or null' if optional else ''}, got {value!r}")
     return value
 
 
@@ -201,8 +189,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"cannot read config {path}: {exc}") from None
     if not isinstance(data, dict):
         raise UserError(f"{path} must hold a JSON object of config keys")
-    unknown = sorted(set(data) - set(FIELDS))
-    if unknown:
+    if unknown := sorted(set(data) - set(FIELDS)):
         raise UserError(f"unknown config key {unknown[0]!r} in {path}; known keys are the flags listed by --help")
     return data
 

@@ -5,8 +5,7 @@
   never extracted), the first by name; else a download. ``cifar100``, ``stl10``: torchvision's files, else a download.
 * ``folder``: the ImageFolder tree or archive at ``root``.
 * An archive's decoded images are cached beside it in ``<archive>.cache.pt``, keyed by its size, mtime and the image
-  size. Folders are not: the key would need a stat of every file, and the cache would land in the user's image tree.
-"""
+  size. Folders are not: the key would need a stat of every file, and the cache would land in the user's image tree."""
 
 from __future__ import annotations
 

@@ -1,6 +1,5 @@
-"""Markdown report of run folders: `simclr report RUN [RUN ...] --out FILE` (or `python run.py report ...`).
-
-Recipe from config.json, hardware and pretraining times from summary.json, accuracies and protocols from the latest
+"""Markdown report of run folders: `simclr report RUN [RUN ...] --out FILE` (or `python run.py report ...`):
+recipe from config.json, hardware and pretraining times from summary.json, accuracies and protocols from the latest
 eval.json (results are never overwritten: a new one goes beside the old as eval-2.json, eval-3.json, ...)."""
 
 from __future__ import annotations

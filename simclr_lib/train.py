@@ -75,8 +75,7 @@ class StopRequest:
     Outside the main thread (where handlers cannot be set) it does nothing."""
 
     def __init__(self) -> None:
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
+        self.signum, self._previous = None, {}
 
     def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
@@ -230,6 +229,7 @@ class Pretraining:
         self.config, self.splits, self.run_dir = config, splits, run_dir
         self.source = BatchSource(data, data_placement(config, data, self.device), config.batch_size, config.seed,
                                   self.device, config.workers, info)
+        self.steps_per_epoch = self.source.steps_per_epoch
         model = build_model(config, splits.mean, splits.std)
         self.model = on_device(distributed.convert_batchnorm(model) if info.enabled and config.sync_bn else model,
                                self.device)
@@ -243,16 +243,12 @@ class Pretraining:
         # Where the run stands: the next (epoch, step), the partial epoch's loss sum and seconds, the history.
         self.epoch, self.step, self.loss_sum, self.seconds = 0, 0, 0.0, 0.0
         self.history: list[dict[str, Any]] = []
-        self.seconds_before = 0.0  # pretraining seconds of the finished epochs
-        self.views_per_s = 0.0  # of the last epoch's steps in this session
-
-    @property
-    def steps_per_epoch(self) -> int:
-        return self.source.steps_per_epoch
+        # Pretraining seconds of the finished epochs; views/s of the last epoch's steps in this session.
+        self.seconds_before, self.views_per_s = 0.0, 0.0
 
     def _schedule(self) -> WarmupCosineSchedule:
-        spe = self.source.steps_per_epoch
-        return WarmupCosineSchedule(self.optimizer, self.config.epochs * spe, round(self.config.warmup_epochs * spe))
+        spe, config = self.steps_per_epoch, self.config
+        return WarmupCosineSchedule(self.optimizer, config.epochs * spe, round(config.warmup_epochs * spe))
 
     def log(self, record: dict[str, Any]) -> None:
         """Append a record to metrics.jsonl (rank 0 only)."""
@@ -414,12 +410,9 @@ class Pretraining:
 
 def pretrain(config: Config, splits: DatasetSplits, data: ImageData, run_dir: Path, resume: bool = False,
              progress: bool = True) -> tuple[SimCLR, Config]:
-    """Contrastive pretraining as `config` describes, writing metrics.jsonl and checkpoints into run_dir.
-
-    Returns the trained model and the config it ran with: with config.time_budget (and not resuming) the number
-    of epochs is first fitted to the budget from the measured speed of the first steps. Under torchrun every rank
-    calls this; rank 0 alone logs and writes files.
-    """
+    """Contrastive pretraining as `config` describes, writing metrics.jsonl and checkpoints into run_dir; returns
+    the model and the config it ran with (config.time_budget first fits the epochs to the budget). Under torchrun
+    every rank calls this; rank 0 alone logs and writes files."""
     start = time.perf_counter()
     run = Pretraining(config, splits, data, Path(run_dir))
     if resume and run.checkpoints.path.exists():

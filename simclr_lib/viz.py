@@ -15,9 +15,7 @@ from matplotlib.patches import Patch
 from .augment import SimCLRAugment, to_unit_float
 from .data import CIFAR10_MEAN, CIFAR10_STD
 
-# Titles in plot_retrieval: a neighbour of the query's class, and one of another class.
-MATCH_COLOUR = "tab:green"
-MISMATCH_COLOUR = "tab:red"
+MATCH_COLOUR, MISMATCH_COLOUR = "tab:green", "tab:red"  # plot_retrieval: a neighbour of the query's class, or not
 
 
 def _tidy(fig: Figure, *axes: Any, legend: bool = False) -> Figure:
@@ -125,8 +123,7 @@ def tsne_embedding(features: torch.Tensor, seed: int = 0, perplexity: float = 30
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
 
     x = torch.nn.functional.normalize(features.detach().float().cpu().flatten(1), dim=1).numpy()
-    n = len(x)
-    if n < 4:
+    if (n := len(x)) < 4:
         raise ValueError(f"t-SNE needs at least 4 points, got {n}")
     # kNN and the linear probe compare features by cosine similarity; normalising makes t-SNE see the same geometry.
     n_components = min(50, n, x.shape[1])
@@ -193,8 +190,7 @@ def plot_retrieval(queries: torch.Tensor, neighbours: torch.Tensor, query_labels
     return fig
 
 
-def plot_confusion_matrix(confusion: Any, classes: list[str],
-                          title: str = "linear probe: confusion matrix") -> Figure:
+def plot_confusion_matrix(confusion: Any, classes: list[str], title: str = "linear probe: confusion matrix") -> Figure:
     """A heatmap of a confusion matrix (rows = true class), each row in percent of its true class."""
     import seaborn as sns  # slow to import; only needed here
 
@@ -230,12 +226,10 @@ def plot_accuracy_bars(results: dict[str, dict[str, float]], title: str,
         ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=2)
         highest = max([highest, *values])
     ax.set_xticks(x, groups)
-    ax.set_ylim(0, highest * 1.12 + 1)  # room for the labels above the tallest bar
-    ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
+    # The y range leaves room for the labels above the tallest bar; the grid stays behind the bars.
+    ax.set(title=title, xlabel=xlabel, ylabel=ylabel, ylim=(0, highest * 1.12 + 1), axisbelow=True)
     ax.grid(axis="y", alpha=0.3)
-    ax.set_axisbelow(True)
-    # Outside the axes so it never hides a bar.
-    ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1))
+    ax.legend(title="method", loc="upper left", bbox_to_anchor=(1.01, 1))  # outside the axes: it never hides a bar
     return _tidy(fig)
 
 

@@ -9,12 +9,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from .data import DATASETS
 from .errors import UserError
-from .models import BACKBONES
-from .optim import LR_SCALINGS, OPTIMIZERS
 
-PLACEMENTS = ("auto", "device", "stream")
+# The allowed values of the choice settings; the stage modules check their own arguments against these.
+DATASETS, BACKBONES = ("cifar10", "cifar100", "stl10", "folder"), ("resnet18", "resnet50")
+OPTIMIZERS, LR_SCALINGS, PLACEMENTS = ("lars", "sgd", "adam"), ("none", "linear", "sqrt"), ("auto", "device", "stream")
 
 
 def _f(default: Any, help: str, ok: Callable[[Any], bool] | None = None, need: str = "",

@@ -24,6 +24,7 @@ import torchvision
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from .config import DATASETS
 from .errors import DataNotFoundError, UserError
 
 try:
@@ -31,7 +32,6 @@ try:
 except ImportError:  # later torchvision releases drop their image decoders: PIL then does all the work
     decode_jpeg = None
 
-DATASETS = ("cifar10", "cifar100", "stl10", "folder")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel statistics of the training images, the values used throughout the SimCLR literature.
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)

@@ -6,21 +6,19 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .augment import SimCLRAugment, normalize
+from .config import Config
 from .data import DatasetSplits, ImageData, balanced_indices
 from .errors import UserError
 from .models import SimCLR
 from .optim import WarmupCosineSchedule, param_groups
 from .runtime import autocast, on_device, step_seed, to_layout
-
-if TYPE_CHECKING:  # config imports models, which this module needs at run time
-    from .config import Config
 
 # Settings of the linear probe and of fine-tuning that are not in the config (the protocols state them).
 PROBE_BATCH_SIZE = 512

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -12,13 +11,9 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .augment import normalize
 from .checkpoints import read_model_checkpoint
+from .config import BACKBONES, Config
 from .data import CIFAR10_MEAN, CIFAR10_STD
 from .errors import UserError
-
-if TYPE_CHECKING:  # config imports this module (for BACKBONES)
-    from .config import Config
-
-BACKBONES = ("resnet18", "resnet50")
 
 
 class _NarrowResNet(ResNet):

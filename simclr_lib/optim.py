@@ -7,10 +7,8 @@ import math
 import torch
 import torch.nn as nn
 
+from .config import LR_SCALINGS, OPTIMIZERS
 from .errors import UserError
-
-OPTIMIZERS = ("lars", "sgd", "adam")
-LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 def scaled_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:

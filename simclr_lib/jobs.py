@@ -163,17 +163,22 @@ def _finish_run(model: SimCLR, config: Config, splits: DatasetSplits, n_pretrain
     return summary
 
 
+def _columns(rows: list[tuple[str, ...]], width: int = 18) -> list[str]:
+    """Rows of (label, value, value[, note]) as aligned text lines."""
+    return [f"  {label:<{width}}{a:>10}{b:>14}" + (f"  {note[0]}" if note else "") for label, a, b, *note in rows]
+
+
 def format_summary(summary: dict[str, Any]) -> str:
     """The short table `python run.py` prints at the end."""
-    rows = [("", "trained", "random init"),
-            ("kNN top-1 (%)", f"{summary['knn_top1']:.2f}", f"{summary['random_init_knn_top1']:.2f}"),
-            ("linear top-1 (%)", f"{summary['linear_top1']:.2f}", f"{summary['random_init_linear_top1']:.2f}")]
-    table = "\n".join(f"  {a:<18}{b:>10}{c:>14}" for a, b, c in rows)
-    return (f"\n{summary['preset']}: {summary['backbone']} (width {summary['width']}), {summary['epochs']} epochs, "
-            f"batch {summary['batch_size']}, {summary['optimizer']}, T={summary['temperature']}, "
-            f"on {summary['device']}\n{table}\n"
-            f"  pretraining {summary['pretrain_seconds']:.0f} s, total {summary['total_seconds']:.0f} s\n"
-            f"  results in {summary['run_dir']}/ (summary.json, metrics.jsonl, checkpoint.pt, figures/)")
+    table = _columns([("", "trained", "random init"),
+                      ("kNN top-1 (%)", f"{summary['knn_top1']:.2f}", f"{summary['random_init_knn_top1']:.2f}"),
+                      ("linear top-1 (%)", f"{summary['linear_top1']:.2f}",
+                       f"{summary['random_init_linear_top1']:.2f}")])
+    return "\n".join([f"\n{summary['preset']}: {summary['backbone']} (width {summary['width']}), {summary['epochs']} "
+                      f"epochs, batch {summary['batch_size']}, {summary['optimizer']}, T={summary['temperature']}, "
+                      f"on {summary['device']}", *table,
+                      f"  pretraining {summary['pretrain_seconds']:.0f} s, total {summary['total_seconds']:.0f} s",
+                      f"  results in {summary['run_dir']}/ (summary.json, metrics.jsonl, checkpoint.pt, figures/)"])
 
 
 def load_trained(source: str | Path, sha256: str | None = None,
@@ -291,11 +296,11 @@ def tsne_job(source: str | Path, sha256: str | None = None, overrides: dict[str,
 def format_eval(result: dict[str, Any]) -> str:
     """A short table of an eval.json."""
     knn, linear = result["knn"], result["linear"]
-    lines = ["", f"  {'':<28}{'SimCLR':>10}{'baseline':>12}",
-             f"  {'kNN top-1 (%)':<28}{knn['top1']:>10.2f}{knn['random_init_top1']:>12.2f}  (random init)",
-             f"  {'linear top-1 (%)':<28}{linear['top1']:>10.2f}{linear['random_init_top1']:>12.2f}  (random init)"]
+    rows = [("", "SimCLR", "baseline"),
+            ("kNN top-1 (%)", f"{knn['top1']:.2f}", f"{knn['random_init_top1']:.2f}", "(random init)"),
+            ("linear top-1 (%)", f"{linear['top1']:.2f}", f"{linear['random_init_top1']:.2f}", "(random init)")]
     for key, ft in result.get("finetune", {}).items():
         sup = result.get("supervised", {}).get(key)
-        lines.append(f"  {f'fine-tune, {key} % labels (%)':<28}{ft['top1']:>10.2f}"
-                     + (f"{sup['top1']:>12.2f}  (supervised from scratch)" if sup else ""))
-    return "\n".join(lines)
+        rows.append((f"fine-tune, {key} % labels (%)", f"{ft['top1']:.2f}",
+                     *((f"{sup['top1']:.2f}", "(supervised from scratch)") if sup else ("",))))
+    return "\n".join(["", *_columns(rows, 28)])

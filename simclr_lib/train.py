@@ -39,12 +39,6 @@ def make_augment(config: Config, splits: DatasetSplits) -> SimCLRAugment:
                          mean=splits.mean, std=splits.std)
 
 
-def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to metrics.jsonl; opened per record so a crash loses nothing written."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     """The records of a metrics.jsonl, in order; a step or epoch logged again (a run killed without a chance to
     checkpoint repeats the steps since its last checkpoint when resumed) counts once, with its latest record."""
@@ -251,9 +245,10 @@ class Pretraining:
         return WarmupCosineSchedule(self.optimizer, config.epochs * spe, round(config.warmup_epochs * spe))
 
     def log(self, record: dict[str, Any]) -> None:
-        """Append a record to metrics.jsonl (rank 0 only)."""
+        """Append a record to metrics.jsonl (rank 0 only), opened per record so a crash loses nothing written."""
         if self.info.is_main:
-            append_metrics(self.run_dir / "metrics.jsonl", record)
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def restore(self) -> None:
         """Continue from the run folder's checkpoint: weights, optimiser, schedule, position and the global RNG."""

@@ -151,6 +151,7 @@ def _finish_run(model: SimCLR, config: Config, splits: DatasetSplits, n_pretrain
         "knn_top1": trained["knn_top1"], "linear_top1": trained["linear_top1"],
         "random_init_knn_top1": random_init["knn_top1"], "random_init_linear_top1": random_init["linear_top1"],
         "linear_train_top1": trained["linear_train_top1"],
+        "protocol": "; ".join(f"{k}: {v}" for k, v in evaluate.protocols(config, splits).items() if k != "finetune"),
         "pretrain_seconds": sum(r["seconds"] for r in metrics if r.get("kind") == "epoch"),
         "pretrain_wall_seconds_this_session": timing["pretrain_wall_seconds_this_session"],
         "total_seconds": time.perf_counter() - timing["t_start"], "run_dir": str(run_dir),

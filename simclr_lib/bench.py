@@ -153,7 +153,7 @@ def _dataloader_path(images: torch.Tensor, device: torch.device, config: Config,
 
     def one() -> None:
         v1, v2 = next(batches)
-        step.on_views(to_layout(torch.cat([v1, v2]).to(device, non_blocking=True), device))
+        step.on_views(to_layout(torch.cat([v1, v2]).to(device, non_blocking=True), step.model))
 
     # Enough untimed steps that the workers' prefetch queue has drained to its steady state.
     return _views_per_s(one, device, max(2, 2 * workers), steps, config.batch_size)

@@ -40,7 +40,7 @@ def extract_features(model: SimCLR, images: torch.Tensor, batch_size: int = 512,
     try:
         chunks = []
         for start in range(0, len(images), batch_size):
-            batch = to_layout(images[start:start + batch_size].to(device, non_blocking=True), device)
+            batch = to_layout(images[start:start + batch_size].to(device, non_blocking=True), model)
             with autocast(device):
                 chunks.append(model.encode(batch).float())
         return torch.cat(chunks)
@@ -160,7 +160,7 @@ def _predict(network: nn.Module, images: torch.Tensor, mean: Sequence[float], st
     network.eval()
     predictions = []
     for start in range(0, len(images), batch_size):
-        x = to_layout(normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std), device)
+        x = to_layout(normalize(images[start:start + batch_size].to(device, non_blocking=True), mean, std), network)
         with autocast(device):
             predictions.append(network(x).argmax(dim=1).cpu())
     return torch.cat(predictions)
@@ -212,7 +212,7 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
             idx = order[i * batch_size:(i + 1) * batch_size]
             # Seeding every step from (seed, epoch, step) makes each view reproducible on its own.
             generator.manual_seed(step_seed(seed, epoch, i))
-            views = to_layout(augment(images[idx], generator), device)
+            views = to_layout(augment(images[idx], generator), network)
             with autocast(device):
                 logits = network(views)
             loss = F.cross_entropy(logits.float(), labels[idx])

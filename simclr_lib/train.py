@@ -114,7 +114,7 @@ class TrainStep:
         for _ in range(2):
             params = self.augment.sample_params(batch * world, height, width, generator, images.device)
             views.append(self.apply_augment(images, params if world == 1 else params.rows(first, first + batch)))
-        return to_layout(torch.cat(views), self.device)
+        return to_layout(torch.cat(views), self.model)
 
     def on_views(self, views: torch.Tensor) -> torch.Tensor:
         """The optimisation step on ready views (2B, ...); returns the detached loss, still on the device."""

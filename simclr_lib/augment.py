@@ -1,10 +1,8 @@
 """SimCLR data augmentation (Chen et al. 2020, Appendix A), drawn per image on a whole batch tensor.
 
-`SimCLRAugment` is the fast path: `sample_params` draws every random parameter per image as tensors on the
-images' device and `apply` applies them to the whole batch, with no Python loop over images and no host-device
-synchronisation. `reference_view` is the readable per-image torchvision path with the same parameters; the tests
-check that both agree. `pil_pipeline` is the classic per-image PIL pipeline of the popular SimCLR repositories,
-for statistics tests and speed comparisons. `normalize` is the one normalisation of the package."""
+`SimCLRAugment` is the fast path (no Python loop over images, no host-device synchronisation); `reference_view` is
+the readable per-image torchvision path the tests check it against; `pil_pipeline` is the popular repositories'
+per-image PIL pipeline, for statistics tests and speed comparisons. `normalize` is the package's one normalisation."""
 
 from __future__ import annotations
 
@@ -20,8 +18,7 @@ from torch import Tensor
 
 from .data import CIFAR10_MEAN, CIFAR10_STD
 
-# Luma weights of torchvision's rgb_to_grayscale (ITU-R 601-2).
-GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
+GRAY_WEIGHTS = (0.2989, 0.587, 0.114)  # luma weights of torchvision's rgb_to_grayscale (ITU-R 601-2)
 CROP_ATTEMPTS = 10  # as in torchvision's RandomResizedCrop
 MAX_COLOR_STRENGTH = 2.5  # the hue shift 0.2 s must stay in torchvision's [-0.5, 0.5]
 
@@ -30,11 +27,9 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 
 def to_unit_float(images: Tensor) -> Tensor:
     """Convert uint8 images in [0, 255] to float32 in [0, 1]; float images are only cast to float32."""
-    if images.dtype == torch.uint8:
-        return images.float().div_(255.0)
-    if not images.is_floating_point():
+    if images.dtype != torch.uint8 and not images.is_floating_point():
         raise TypeError(f"expected uint8 or floating-point images, got {images.dtype}")
-    return images.float()
+    return images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
 
 
 def normalize(images: Tensor, mean: Sequence[float] | Tensor, std: Sequence[float] | Tensor) -> Tensor:
@@ -113,20 +108,9 @@ def _jitter_maps(ops: Tensor, params: ViewParams, dtype: torch.dtype) -> tuple[T
                                                                             params.saturation))
     factor = torch.where(ops == BRIGHTNESS, brightness,
                          torch.where(ops == CONTRAST, contrast, torch.where(ops == SATURATION, saturation, 1.0)))
-    rest = 1.0 - factor
-    eye = torch.eye(3, device=ops.device, dtype=dtype)
-    gray = _gray_matrix(ops.device, dtype)
+    rest, eye, gray = 1.0 - factor, torch.eye(3, device=ops.device, dtype=dtype), _gray_matrix(ops.device, dtype)
     matrix = factor[..., None, None] * eye + (rest * (ops == SATURATION))[..., None, None] * gray
     return matrix, rest * (ops == CONTRAST)
-
-
-def _apply_jitter_map(images: Tensor, matrix: Tensor, mean_weight: Tensor) -> Tensor:
-    """One stage of `_jitter_maps` on (B, 3, H, W) images: the affine colour map, then the clamp to [0, 1]."""
-    batch = images.shape[0]
-    # The mean of the luma (contrast's reference) is the luma of the channel means.
-    mean_gray = images.mean(dim=(2, 3)) @ _gray_matrix(images.device, images.dtype)[0]
-    bias = (mean_weight * mean_gray).view(batch, 1, 1).expand(batch, 3, 1)
-    return _color_transform(images, matrix, bias).clamp_(0.0, 1.0)
 
 
 def _color_jitter(images: Tensor, params: ViewParams) -> Tensor:
@@ -138,19 +122,20 @@ def _color_jitter(images: Tensor, params: ViewParams) -> Tensor:
     hue_rank = (order == HUE).long().argmax(dim=1, keepdim=True)
     rank = torch.arange(3, device=order.device).view(1, 3)
     cheap_ops = torch.where(rank < hue_rank, order[:, :3], order[:, 1:])
-    no_op = torch.full_like(cheap_ops, -1)
     jitter = params.jitter.view(-1, 1)
-    before_hue = torch.where(jitter & (rank < hue_rank), cheap_ops, no_op)
-    after_hue = torch.where(jitter & (rank >= hue_rank), cheap_ops, no_op)
+    before_hue = torch.where(jitter & (rank < hue_rank), cheap_ops, -1)  # -1: no op
+    after_hue = torch.where(jitter & (rank >= hue_rank), cheap_ops, -1)
     matrices, mean_weights = _jitter_maps(torch.cat([before_hue, after_hue], dim=1), params, images.dtype)
-
+    luma = _gray_matrix(images.device, images.dtype)[0]
     out = images
     for stage in range(6):
         if stage == 3:
             # A zero shift (no jitter) is a round trip through HSV: the identity up to float rounding (~1e-7),
             # far cheaper than selecting between two full-size tensors.
             out = _shift_hue(out, params.hue.to(out.dtype) * params.jitter.to(out.dtype))
-        out = _apply_jitter_map(out, matrices[:, stage], mean_weights[:, stage])
+        # The mean of the luma (contrast's reference) is the luma of the channel means.
+        bias = (mean_weights[:, stage] * (out.mean(dim=(2, 3)) @ luma)).view(-1, 1, 1).expand(-1, 3, 1)
+        out = _color_transform(out, matrices[:, stage], bias).clamp_(0.0, 1.0)
     return out
 
 
@@ -190,8 +175,7 @@ class SimCLRAugment(torch.nn.Module):
     """SimCLR's random view of each image of a batch (B, 3, H, W), every parameter drawn per image.
     Pipeline (paper, Appendix A): random resized crop + horizontal flip, colour jitter of strength s in a
     random order with probability `color_prob`, random grayscale, optional Gaussian blur, normalisation.
-    The crop is resampled as torchvision's `resized_crop(antialias=True)`; colour ops are batched 3x3 colour
-    matrices, so the step costs a handful of batched matmuls."""
+    Crop, resize and colour ops are batched matrices, so the step costs a handful of batched matmuls."""
 
     def __init__(self, image_size: int = 32, crop_scale: tuple[float, float] = (0.08, 1.0),
                  crop_ratio: tuple[float, float] = (3 / 4, 4 / 3), flip_prob: float = 0.5,
@@ -201,15 +185,14 @@ class SimCLRAugment(torch.nn.Module):
         super().__init__()
         if not 0.0 <= color_strength <= MAX_COLOR_STRENGTH:
             raise ValueError(f"color_strength must be in [0, {MAX_COLOR_STRENGTH}], got {color_strength}")
-        for name, p in (("flip_prob", flip_prob), ("color_prob", color_prob), ("gray_prob", gray_prob),
-                        ("blur_prob", blur_prob)):
+        probs = {"flip_prob": flip_prob, "color_prob": color_prob, "gray_prob": gray_prob, "blur_prob": blur_prob}
+        for name, p in probs.items():
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         self.image_size, self.color_strength = int(image_size), float(color_strength)
+        self.flip_prob, self.color_prob, self.gray_prob, self.blur_prob = map(float, probs.values())
         self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
         self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
-        self.flip_prob, self.color_prob = float(flip_prob), float(color_prob)
-        self.gray_prob, self.blur_prob = float(gray_prob), float(blur_prob)
         self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
         # Buffers follow `.to(device)`, so normalising never copies host memory to the device.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -219,12 +202,6 @@ class SimCLRAugment(torch.nn.Module):
     def blur_kernel_size(self) -> int:
         """Blur kernel size: 10 % of the output size rounded to the nearest odd number, at least 3."""
         return max(3, 2 * math.floor(0.05 * self.image_size) + 1)
-
-    def factor_ranges(self) -> dict[str, tuple[float, float]]:
-        """The jitter ranges of strength s: factors in [max(0, 1 - 0.8 s), 1 + 0.8 s], hue in +-0.2 s."""
-        x, h = 0.8 * self.color_strength, 0.2 * self.color_strength
-        factor = (max(0.0, 1.0 - x), 1.0 + x)
-        return {"brightness": factor, "contrast": factor, "saturation": factor, "hue": (-h, h)}
 
     def sample_params(self, batch_size: int, height: int, width: int, generator: torch.Generator | None = None,
                       device: torch.device | str | None = None) -> ViewParams:
@@ -243,11 +220,14 @@ class SimCLRAugment(torch.nn.Module):
 
         crop = self._sample_crops(batch_size, height, width, uniform)
         flip, jitter = bernoulli(self.flip_prob), bernoulli(self.color_prob)
-        factors = {name: uniform((batch_size,), *bounds) for name, bounds in self.factor_ranges().items()}
+        s = self.color_strength  # jitter factors in [max(0, 1 - 0.8 s), 1 + 0.8 s], hue shift in +-0.2 s
+        factors = {name: uniform((batch_size,), max(0.0, 1.0 - 0.8 * s), 1.0 + 0.8 * s)
+                   for name in ("brightness", "contrast", "saturation")}
+        hue = uniform((batch_size,), -0.2 * s, 0.2 * s)
         # argsort of i.i.d. uniforms is a uniformly random permutation per row.
         order = torch.rand((batch_size, 4), generator=generator, device=draw_device).argsort(dim=1)
         gray, blur = bernoulli(self.gray_prob), bernoulli(self.blur_prob)
-        params = ViewParams(crop=crop, flip=flip, jitter=jitter, **factors, order=order, gray=gray, blur=blur,
+        params = ViewParams(crop=crop, flip=flip, jitter=jitter, **factors, hue=hue, order=order, gray=gray, blur=blur,
                             sigma=uniform((batch_size,), *self.blur_sigma))
         return params if target == draw_device else params.to(target)
 
@@ -259,26 +239,17 @@ class SimCLRAugment(torch.nn.Module):
         h = torch.round(torch.sqrt(target_area / aspect))
         valid = (w > 0) & (w <= width) & (h > 0) & (h <= height)
         first = valid.int().argmax(dim=1, keepdim=True)  # argmax returns the first maximum: the first valid attempt
-        found = valid.any(dim=1)
-        fb_top, fb_left, fb_h, fb_w = self._fallback_crop(height, width)
-        h = torch.where(found, h.gather(1, first).squeeze(1), float(fb_h))
-        w = torch.where(found, w.gather(1, first).squeeze(1), float(fb_w))
+        h, w = h.gather(1, first).squeeze(1), w.gather(1, first).squeeze(1)
         # Uniform integer in [0, H - h]; the clamp guards against u * n rounding up to n in float32.
         top = torch.minimum(torch.floor(uniform((B,), 0.0, 1.0) * (height - h + 1)), height - h)
         left = torch.minimum(torch.floor(uniform((B,), 0.0, 1.0) * (width - w + 1)), width - w)
-        top = torch.where(found, top, float(fb_top))
-        left = torch.where(found, left, float(fb_left))
-        return torch.stack([top, left, h, w], dim=1)
-
-    def _fallback_crop(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """torchvision's centre crop when no attempt fits: the largest crop with an allowed aspect ratio."""
+        crops = torch.stack([top, left, h, w], dim=1)
+        # No attempt fits: torchvision's centre crop, the largest with an allowed aspect ratio.
         low, high = min(self.crop_ratio), max(self.crop_ratio)
-        h, w = height, width
-        if width / height < low:
-            h = int(round(width / low))
-        elif width / height > high:
-            w = int(round(height * high))
-        return (height - h) // 2, (width - w) // 2, h, w
+        fb_h = round(width / low) if width / height < low else height
+        fb_w = round(height * high) if width / height > high else width
+        fallback = crops.new_tensor([(height - fb_h) // 2, (width - fb_w) // 2, fb_h, fb_w])
+        return torch.where(valid.any(dim=1, keepdim=True), crops, fallback)
 
     def crop_flip_resize(self, images: Tensor, params: ViewParams) -> Tensor:
         """Crop, flip and resize uint8 or [0, 1] float images to float image_size x image_size: two batched matmuls.
@@ -326,8 +297,7 @@ class SimCLRAugment(torch.nn.Module):
 
 
 def reference_view(image: Tensor, params: ViewParams, index: int, augment: SimCLRAugment) -> Tensor:
-    """The readable per-image path with torchvision.transforms.functional for image `index`'s parameters:
-    `image` is one (3, H, W) image, uint8 or float in [0, 1]; returns the normalised (3, S, S) view."""
+    """The readable per-image torchvision path: one uint8 or [0, 1] `image` (3, H, W) with row `index` of `params`."""
     x = to_unit_float(image)
     top, left, h, w = (int(v) for v in params.crop[index].tolist())
     x = TF.resized_crop(x, top, left, h, w, [augment.image_size, augment.image_size], antialias=True)

@@ -59,21 +59,17 @@ class PILTwoViews(Dataset):
         return self.transform(image), self.transform(image)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def seconds_per_call(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int = 2) -> float:
     """Median wall time of `fn` over `repeat` calls after `warmup` untimed ones, with the device synchronised."""
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
-        _sync(device)
+        sync()
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -171,16 +167,6 @@ def bench_train_step(images: torch.Tensor, device: torch.device, batch_size: int
             "fast_peak_mb": fast_peak, "dataloader_peak_mb": _peak_mb(device)}
 
 
-def bench_images(data_root: str | Path, need: int) -> tuple[torch.Tensor, str]:
-    """CIFAR-10 train images if they are on disk, else seeded random ones (speed does not depend on content)."""
-    try:
-        splits = load_splits("cifar10", data_root, None, download=False)
-        return splits.train.images, f"CIFAR-10 train ({len(splits.train)} images)"
-    except UserError:
-        images = torch.randint(0, 256, (need, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-        return images, f"random 32x32 images ({need}; no CIFAR-10 under {data_root})"
-
-
 def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), width: int | None = None,
               steps: int | None = None, workers: int | None = None, compile: bool = False,
               data_root: str | Path = "data", out: str | Path | None = None, progress: Callable[[str], None] = print,
@@ -193,7 +179,12 @@ def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), wid
     steps = steps if steps is not None else (30 if on_gpu else 4)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 16)
     need = max(augment_batch, max(batch_sizes) * (steps + max(2, 2 * workers) + 4))
-    images, data_note = bench_images(data_root, need)
+    try:  # CIFAR-10 train images if they are on disk, else seeded random ones (speed does not depend on content)
+        images = load_splits("cifar10", data_root, None, download=False).train.images
+        data_note = f"CIFAR-10 train ({len(images)} images)"
+    except UserError:
+        images = torch.randint(0, 256, (need, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+        data_note = f"random 32x32 images ({need}; no CIFAR-10 under {data_root})"
     if len(images) < need:
         raise UserError(f"the benchmark needs {need} images but {data_note}: lower --steps or --batch-sizes")
     result: dict[str, Any] = {"device": device_description(dev), "torch": torch.__version__,

@@ -95,18 +95,12 @@ def read_model_checkpoint(source: str | Path, sha256: str | None = None) -> tupl
     return path, state
 
 
-def is_url(source: str) -> bool:
-    """Whether `source` is an http(s):// or file:// URL."""
-    return urllib.parse.urlparse(str(source)).scheme in ("http", "https", "file")
-
-
 def resolve_checkpoint(source: str | Path, runs_root: str | Path = "runs", sha256: str | None = None) -> Path:
     """The checkpoint file `source` (a run folder, a file, or a URL downloaded once into runs/downloaded-<name>/)
     names; with `sha256` it must have that digest (a mismatching download is deleted, to be fetched again)."""
-    text = str(source)
-    remote = is_url(text)
-    if remote:
-        name = Path(urllib.parse.unquote(urllib.parse.urlparse(text).path)).name or CHECKPOINT
+    text, url = str(source), urllib.parse.urlparse(str(source))
+    if remote := url.scheme in ("http", "https", "file"):
+        name = Path(urllib.parse.unquote(url.path)).name or CHECKPOINT
         path = Path(runs_root) / f"downloaded-{Path(name).stem}" / CHECKPOINT
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)

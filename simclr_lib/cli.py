@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--label-fractions", default="1,10", metavar="PCTS",
                     help="percent of train labels for fine-tuning, comma-separated ('' for none; default 1,10)")
     ev.add_argument("--no-supervised", action="store_true", help="skip the supervised-from-scratch baseline")
-    add_config_flags(ev, ("probe_epochs", "finetune_epochs", "finetune_lr", "finetune_batch_size", "eval_batch_size"))
+    add_config_flags(ev, ("probe_epochs", "finetune_epochs", "finetune_min_steps", "finetune_lr", "finetune_batch_size",
+                          "eval_batch_size"))
     ts = sub.add_parser("tsne", help="t-SNE of test representations (trained vs random init) and a retrieval figure")
     _source_args(ts)
     add_config_flags(ts, ("tsne_points",))
@@ -110,7 +112,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_train(args: argparse.Namespace) -> None:
     """The main job."""
     from .jobs import run
-
     overrides = _overrides(args)
     if args.resume:
         if args.out is None:
@@ -118,8 +119,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         if not (Path(args.out) / "config.json").is_file():
             raise UserError(f"--resume: {args.out} holds no config.json; is it a run folder?")
         config = load_config(Path(args.out) / "config.json")
-        changed = [k for k, v in overrides.items() if k not in RESUMABLE and getattr(config, k) != v]
-        if changed:
+        if changed := [k for k, v in overrides.items() if k not in RESUMABLE and getattr(config, k) != v]:
             raise UserError(f"cannot change {changed[0]} when resuming; start a new run with another --out")
         config = config.replace(**overrides)
     else:
@@ -144,7 +144,6 @@ def _fractions(text: str) -> list[float]:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     """kNN, linear probe, fine-tuning vs supervised per label fraction; eval.json, figures, report."""
     from .jobs import evaluate_job
-
     evaluate_job(args.source, _fractions(args.label_fractions), supervised=not args.no_supervised,
                  sha256=args.sha256, overrides=_overrides(args), progress=not args.no_progress)
 
@@ -152,23 +151,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_tsne(args: argparse.Namespace) -> None:
     """t-SNE and retrieval figures."""
     from .jobs import tsne_job
-
     tsne_job(args.source, args.sha256, _overrides(args))
 
 
 def cmd_report(args: argparse.Namespace) -> None:
     """Markdown report of one or several runs."""
     from .report import write_report
-
     print(f"wrote {write_report(args.run_dirs, args.out)}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
     """Benchmarks: table on stdout, JSON file."""
-    from datetime import datetime
-
     from .bench import format_bench, run_bench
-
     try:
         batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     except ValueError:

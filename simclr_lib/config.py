@@ -14,6 +14,7 @@ from .errors import UserError
 # The allowed values of the choice settings; the stage modules check their own arguments against these.
 DATASETS, BACKBONES = ("cifar10", "cifar100", "stl10", "folder"), ("resnet18", "resnet50")
 OPTIMIZERS, LR_SCALINGS, PLACEMENTS = ("lars", "sgd", "adam"), ("none", "linear", "sqrt"), ("auto", "device", "stream")
+HEAD_NORMS, PRECISIONS = ("none", "hidden", "all"), ("auto", "bf16", "fp16", "fp32")
 
 
 def _f(default: Any, help: str, ok: Callable[[Any], bool] | None = None, need: str = "",
@@ -48,7 +49,8 @@ class Config:
     cifar_stem: bool = _f(True, "3x3 stride-1 conv1 and no max-pool (for small images)")
     proj_hidden_dim: int | None = _f(None, "hidden width of the projection head (default: feature dim)", **_at_least(1))
     proj_dim: int = _f(128, "output dimension of the projection head", **_at_least(1))
-    proj_batch_norm: bool = _f(False, "BatchNorm in the projection head")
+    proj_batch_norm: str = _f("none", "BatchNorm in the projection head: none, after the hidden layer, or after "
+                                      "every layer (the official code's CIFAR head)", choices=HEAD_NORMS)
     # optimisation
     epochs: int = _f(1, "pretraining epochs", **_at_least(1))
     batch_size: int = _f(256, "images per step (each gives two views)", lambda v: v >= 2,
@@ -56,10 +58,18 @@ class Config:
     optimizer: str = _f("lars", "lars, sgd or adam", choices=OPTIMIZERS)
     lr: float = _f(1.0, "base learning rate, scaled by lr_scaling", **_POSITIVE)
     lr_scaling: str = _f("linear", "linear (lr*batch/256), sqrt (lr*sqrt(batch)) or none", choices=LR_SCALINGS)
-    weight_decay: float = _f(1e-6, "weight decay (not on BatchNorm parameters and biases)", **_at_least(0))
+    weight_decay: float = _f(1e-6, "weight decay (not on BatchNorm parameters and biases unless "
+                                   "--weight-decay-all)", **_at_least(0))
+    weight_decay_all: bool = _f(False, "weight decay on every parameter, BatchNorm and biases too (lightly's and "
+                                       "most CIFAR recipes'); LARS still does not adapt their steps")
+    lars_eta: float = _f(1e-3, "LARS trust coefficient: each layer's step is about lr * eta * ||w|| / ||g||",
+                         **_POSITIVE)
+    lars_clip: bool = _f(False, "clip LARS's per-layer rate at the global lr (LARC, as solo-learn)")
     momentum: float = _f(0.9, "momentum of LARS and SGD", lambda v: 0 <= v < 1, "in [0, 1)")
     warmup_epochs: float = _f(0.0, "linear warmup before the cosine decay", **_at_least(0))
     temperature: float = _f(0.5, "NT-Xent temperature", **_POSITIVE)
+    bn_per_view: bool = _f(False, "BatchNorm statistics over each view's batch separately (one forward pass per "
+                                  "view) instead of over both views together")
     # augmentation
     crop_scale_min: float = _f(0.08, "smallest crop area as a fraction of the image", lambda v: 0 < v <= 1, "in (0, 1]")
     color_strength: float = _f(0.5, "colour distortion strength s (hue shift 0.2 s stays within torchvision's 0.5)",
@@ -70,6 +80,8 @@ class Config:
     seed: int = _f(0, "seed for the model init, data order and augmentations")
     device: str = _f("auto", "auto, cpu, cuda, cuda:N or mps")
     compile: bool = _f(False, "torch.compile the model, the augmentation and the loss")
+    precision: str = _f("auto", "training arithmetic: auto (bf16 on GPUs that have it, fp16 with a gradient scaler "
+                                "on older GPUs, fp32 on CPU), bf16, fp16 or fp32", choices=PRECISIONS)
     time_budget: float | None = _f(None, "seconds of pretraining: as many epochs as fit (at most --epochs), "
                                          "measured on the first steps; the schedule spans exactly those epochs",
                                    **_POSITIVE)
@@ -92,6 +104,8 @@ class Config:
     finetune_epochs: int = _f(30, "epochs of label-fraction fine-tuning and of the supervised baseline", **_at_least(1))
     finetune_lr: float = _f(0.05, "learning rate of fine-tuning and the supervised baseline (SGD + Nesterov)",
                             **_POSITIVE)
+    finetune_min_steps: int = _f(500, "fine-tuning and the supervised baseline run at least this many steps (1 % of "
+                                      "CIFAR-10 is 2 steps per epoch at batch 256)", **_at_least(0))
     finetune_batch_size: int = _f(256, "batch size of fine-tuning and the supervised baseline", **_at_least(2))
     tsne_points: int = _f(2000, "test images shown in the t-SNE figure (class-balanced)", **_at_least(10))
 
@@ -129,7 +143,7 @@ RESUMABLE = ("device", "log_every", "knn_every", "eval_batch_size", "probe_epoch
              "time_budget", "compile", "keep")
 # What evaluating a trained model may change: where the data is, how it runs, and the evaluation's own settings.
 EVAL_SETTINGS = ("data_root", "device", "download", "eval_batch_size", "probe_epochs", "finetune_epochs",
-                 "finetune_lr", "finetune_batch_size", "tsne_points", "skip_bad_images")
+                 "finetune_lr", "finetune_batch_size", "finetune_min_steps", "tsne_points", "skip_bad_images")
 
 # The seed repository's recipe (the README's table) with its defects fixed: CIFAR stem, per-step cosine.
 _SEED_R50 = dict(backbone="resnet50", epochs=400, optimizer="adam", lr=3e-4, lr_scaling="none", weight_decay=1e-6,
@@ -181,7 +195,7 @@ def make_config(preset: str = "quick", **overrides: Any) -> Config:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The keys of a JSON config file, checked to be known config keys (values are checked by Config)."""
+    """The keys of a JSON config file, checked to be known config keys (values are checked by Config), upgraded."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -190,9 +204,16 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} must hold a JSON object of config keys")
     if unknown := sorted(set(data) - set(FIELDS)):
         raise UserError(f"unknown config key {unknown[0]!r} in {path}; known keys are the flags listed by --help")
-    return data
+    return upgrade(data)
 
 
 def load_config(path: str | Path) -> Config:
     """Read and validate a config.json (such as a run folder's); missing keys take their defaults."""
     return Config(**read_config_file(path))
+
+
+def upgrade(values: dict[str, Any]) -> dict[str, Any]:
+    """Config keys written by older versions in today's form (proj_batch_norm was true/false)."""
+    if isinstance(values.get("proj_batch_norm"), bool):
+        values = {**values, "proj_batch_norm": "hidden" if values["proj_batch_norm"] else "none"}
+    return values

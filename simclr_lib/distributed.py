@@ -44,14 +44,9 @@ def current() -> DistInfo:
     return DistInfo()
 
 
-def launched_by_torchrun() -> bool:
-    """Whether torchrun (or another launcher setting WORLD_SIZE > 1) started this process."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
-
-
 def init_from_env(device: str) -> DistInfo:
     """Join torchrun's process group (nccl on CUDA, each process on the GPU of its LOCAL_RANK; gloo otherwise)."""
-    if not launched_by_torchrun():
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # not started by torchrun (or another launcher setting it)
         return DistInfo()
     if dist.is_initialized():
         return current()
@@ -72,6 +67,12 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _summed(tensor: torch.Tensor) -> torch.Tensor:  # a contiguous copy (as the collectives need) summed over ranks
+    out = tensor.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out)
+    return out
+
+
 class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
@@ -83,20 +84,12 @@ class _GatherWithGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         # Every rank's loss depends on our rows: sum their gradients, then keep our slice.
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return _summed(grad)[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
 
 
 def gather_with_grad(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` (n, ...) of every rank in rank order (world * n, ...); its gradient sums all ranks' losses'."""
     return _GatherWithGrad.apply(tensor) if _active() else tensor
-
-
-def _summed(tensor: torch.Tensor) -> torch.Tensor:
-    out = tensor.clone()
-    dist.all_reduce(out)
-    return out
 
 
 class _AllReduceSum(torch.autograd.Function):

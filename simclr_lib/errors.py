@@ -1,5 +1,7 @@
 """Errors a user can fix (the command line prints them as one line and exits with code 2), and the signal stop."""
 
+import signal
+
 
 class UserError(Exception):
     """A mistake in the user's input (flags, config, data, paths) with a message that says what to do."""
@@ -18,13 +20,10 @@ class Interrupted(Exception):
 
     def __init__(self, signum: int, epoch: int, step_in_epoch: int, steps_per_epoch: int, step: int,
                  run_dir: object) -> None:
-        import signal
-
         self.signum = int(signum)
-        name = signal.Signals(self.signum).name
-        super().__init__(
-            f"stopped by {name} after step {step} (epoch {epoch + 1}, step {step_in_epoch} of {steps_per_epoch}); "
-            f"checkpoint written: continue with `python run.py --resume --out {run_dir}`")
+        super().__init__(f"stopped by {signal.Signals(self.signum).name} after step {step} (epoch {epoch + 1}, step "
+                         f"{step_in_epoch} of {steps_per_epoch}); checkpoint written: continue with "
+                         f"`python run.py --resume --out {run_dir}`")
 
     @property
     def exit_code(self) -> int:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from .augment import SimCLRAugment, normalize
 from .config import Config
@@ -18,7 +19,7 @@ from .data import DatasetSplits, ImageData, balanced_indices
 from .errors import UserError
 from .models import SimCLR
 from .optim import WarmupCosineSchedule, param_groups
-from .runtime import autocast, on_device, step_seed, to_layout
+from .runtime import autocast, on_device, resolve_precision, step_seed, to_layout
 
 # Settings of the linear probe and of fine-tuning that are not in the config (the protocols state them).
 PROBE_BATCH_SIZE = 512
@@ -28,12 +29,11 @@ FINETUNE_CROP = (0.2, 1.0)
 
 @torch.no_grad()
 def extract_features(model: SimCLR, images: torch.Tensor, batch_size: int = 512,
-                     device: torch.device | str | None = None) -> torch.Tensor:
-    """Representations h (N, feature_dim), float32 on `device`, of uint8 images, with the encoder in eval mode.
-
-    Eval mode matters: in train mode BatchNorm would use (and update its running statistics with) the
-    evaluation batches, which leaks test data into the network and changes the numbers.
-    """
+                     device: torch.device | str | None = None, precision: str = "fp32") -> torch.Tensor:
+    """Representations h (N, feature_dim), float32 on `device`, of uint8 images, with the encoder in eval mode,
+    computed in fp32 unless `precision` says otherwise (the kNN monitor may use the training precision).
+    Eval mode matters: in train mode BatchNorm would use (and update its running statistics with) the evaluation
+    batches, which leaks test data into the network and changes the numbers."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -41,7 +41,7 @@ def extract_features(model: SimCLR, images: torch.Tensor, batch_size: int = 512,
         chunks = []
         for start in range(0, len(images), batch_size):
             batch = to_layout(images[start:start + batch_size].to(device, non_blocking=True), model)
-            with autocast(device):
+            with autocast(device, precision):
                 chunks.append(model.encode(batch).float())
         return torch.cat(chunks)
     finally:
@@ -76,9 +76,8 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
                  batch_size: int = PROBE_BATCH_SIZE, weight_decay: float = 0.0, seed: int = 0,
                  progress: bool = False) -> dict[str, Any]:
     """A linear classifier on frozen, precomputed features (SGD + Nesterov 0.9, cosine per step, no augmentation):
-    train and test top-1 in percent of the last epoch, test accuracy per class and the confusion matrix. Features
-    are standardised with the train set's statistics first (an affine map, so the classifier stays linear in h),
-    so one learning rate works for every encoder."""
+    last-epoch train and test top-1 (%), per-class test accuracy and confusion matrix. Features are standardised
+    with the train set's statistics first (affine, so still linear in h): one learning rate fits every encoder."""
     device = train_features.device
     mean, std = train_features.mean(0), train_features.std(0) + 1e-6
     x_train, x_test = (train_features - mean) / std, (test_features.to(device) - mean) / std
@@ -87,15 +86,10 @@ def linear_probe(train_features: torch.Tensor, train_labels: torch.Tensor, test_
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         classifier = torch.nn.Linear(x_train.shape[1], num_classes).to(device)
-    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, nesterov=True,
-                                weight_decay=weight_decay)
+    optimizer = torch.optim.SGD(classifier.parameters(), lr=lr, momentum=0.9, nesterov=True, weight_decay=weight_decay)
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs * steps_per_epoch)
-    epochs_iter = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-        epochs_iter = tqdm(epochs_iter, desc="linear probe", leave=False)
-    for _ in epochs_iter:
+    for _ in tqdm(range(epochs), desc="linear probe", leave=False, disable=not progress):
         order = torch.randperm(len(x_train), generator=generator).to(device)
         for start in range(0, len(x_train), batch_size):
             idx = order[start:start + batch_size]
@@ -171,10 +165,10 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
                      lr: float = 0.05, weight_decay: float = FINETUNE_WEIGHT_DECAY,
                      crop_scale: tuple[float, float] = FINETUNE_CROP,
                      device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
-                     desc: str = "fine-tune") -> dict[str, Any]:
-    """Train a copy of `encoder` + a new linear head end to end on `train` (crop + flip; SGD + Nesterov, cosine,
-    no weight decay on BatchNorm and biases), then evaluate on all of `test` once: test_metrics, train_top1 (the
-    labelled images, un-augmented), epochs, steps, labelled_images and train_loss (mean of the last epoch)."""
+                     desc: str = "fine-tune", precision: str = "auto", min_steps: int = 0) -> dict[str, Any]:
+    """Train a copy of `encoder` + a new linear head end to end on `train` (crop + flip; SGD + Nesterov, cosine, no
+    weight decay on BatchNorm and biases) for `epochs` or at least `min_steps`, then test once on all of `test`:
+    the test metrics, train_top1 (un-augmented), epochs, steps, labelled_images and train_loss (last epoch's mean)."""
     if len(train) < 2:
         raise UserError(f"fine-tuning needs at least 2 labelled images (BatchNorm in train mode), got {len(train)}")
     device = torch.device(device)
@@ -189,19 +183,18 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
     batch_size = min(batch_size, n)
     # A last batch of 1 image would break BatchNorm (and is worth nothing): it is dropped, others are kept.
     steps_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)
+    epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     total_steps = epochs * steps_per_epoch
     optimizer = torch.optim.SGD(param_groups(network, weight_decay), lr=lr, momentum=0.9, nesterov=True)
     schedule = WarmupCosineSchedule(optimizer, total_steps, warmup_steps=0)
+    scaler = torch.amp.GradScaler(device.type, enabled=resolve_precision(precision, device) == "fp16")
     augment = SimCLRAugment(image_size=train.image_size, crop_scale=crop_scale, color_prob=0.0, gray_prob=0.0,
                             blur_prob=0.0, mean=tuple(mean), std=tuple(std)).to(device)
 
     # The labelled set is small: keep it on the device as uint8 and augment there, batch by batch.
     images, labels = train.images.to(device), train.labels.to(device)
     generator = torch.Generator(device=device)
-    epochs_iter = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-        epochs_iter = tqdm(epochs_iter, desc=desc, leave=False)
+    epochs_iter = tqdm(range(epochs), desc=desc, leave=False, disable=not progress)
     loss_sum = torch.zeros((), device=device)
     for epoch in epochs_iter:
         network.train()
@@ -213,12 +206,13 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
             # Seeding every step from (seed, epoch, step) makes each view reproducible on its own.
             generator.manual_seed(step_seed(seed, epoch, i))
             views = to_layout(augment(images[idx], generator), network)
-            with autocast(device):
+            with autocast(device, precision):
                 logits = network(views)
             loss = F.cross_entropy(logits.float(), labels[idx])
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             loss_sum += loss.detach()  # summed on the device: no host sync inside the epoch
         if progress:
@@ -226,8 +220,7 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
 
     test_pred = _predict(network, test.images, mean, std, device)
     train_pred = _predict(network, train.images, mean, std, device)
-    return {**classification_metrics(test_pred, test.labels, num_classes),
-            "train_top1": top1(train_pred, train.labels),
+    return {**classification_metrics(test_pred, test.labels, num_classes), "train_top1": top1(train_pred, train.labels),
             "epochs": epochs, "steps": total_steps, "labelled_images": n,
             "train_loss": (loss_sum / max(1, steps_per_epoch)).item() if epochs else float("nan")}
 
@@ -235,8 +228,7 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
 def finetune(model: SimCLR, train: ImageData, test: ImageData, num_classes: int, **kwargs: Any) -> dict[str, Any]:
     """The paper's semi-supervised protocol: fine-tune a copy of the encoder (without the projection head, as in
     SimCLR v1) on a labelled subset; `kwargs` go to `train_classifier`, mean/std default to the model's."""
-    kwargs.setdefault("mean", model.arch["mean"])
-    kwargs.setdefault("std", model.arch["std"])
+    kwargs = {"mean": model.arch["mean"], "std": model.arch["std"], **kwargs}
     return train_classifier(model.encoder, model.feature_dim, train, test, num_classes, **kwargs)
 
 
@@ -246,23 +238,18 @@ def supervised_baseline(model: SimCLR, train: ImageData, test: ImageData, num_cl
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(kwargs.get("seed", 0))
         fresh = SimCLR(**model.arch)
-    kwargs.setdefault("mean", model.arch["mean"])
-    kwargs.setdefault("std", model.arch["std"])
-    kwargs.setdefault("desc", "supervised")
-    return train_classifier(fresh.encoder, fresh.feature_dim, train, test, num_classes, **kwargs)
+    return finetune(fresh, train, test, num_classes, **{"desc": "supervised", **kwargs})
 
 
 def protocols(config: Config, splits: DatasetSplits) -> dict[str, str]:
     """How each number was measured, in words, from the settings actually used."""
     n_train = len(splits.train)
-    return {
-        "split": f"full {splits.name} test set ({len(splits.test)} images)",
-        "knn": f"weighted kNN (k={config.knn_k}, T={config.knn_temperature}, cosine) on frozen eval-mode "
-               f"features; bank: the full train set ({n_train} images)",
-        "linear": f"linear classifier on frozen, standardised eval-mode features of the full train set ({n_train} "
-                  f"images); SGD + Nesterov 0.9, lr {config.probe_lr}, cosine per step, batch {PROBE_BATCH_SIZE}, "
-                  f"{config.probe_epochs} epochs, no augmentation; last epoch reported",
-        "finetune": f"crop ({FINETUNE_CROP[0]}-{FINETUNE_CROP[1]}) + flip; SGD + Nesterov 0.9, lr "
-                    f"{config.finetune_lr}, wd {FINETUNE_WEIGHT_DECAY}, cosine per step, {config.finetune_epochs} "
-                    "epochs; last epoch reported",
-    }
+    return {"split": f"full {splits.name} test set ({len(splits.test)} images)",
+            "knn": f"weighted kNN (k={config.knn_k}, T={config.knn_temperature}, cosine) on frozen eval-mode "
+                   f"features; bank: the full train set ({n_train} images)",
+            "linear": f"linear classifier on frozen, standardised eval-mode features of the full train set "
+                      f"({n_train} images); SGD + Nesterov 0.9, lr {config.probe_lr}, cosine per step, batch "
+                      f"{PROBE_BATCH_SIZE}, {config.probe_epochs} epochs, no augmentation; last epoch reported",
+            "finetune": f"crop ({FINETUNE_CROP[0]}-{FINETUNE_CROP[1]}) + flip; SGD + Nesterov 0.9, lr "
+                        f"{config.finetune_lr}, wd {FINETUNE_WEIGHT_DECAY}, cosine per step, {config.finetune_epochs} "
+                        f"epochs or at least {config.finetune_min_steps} steps; last epoch reported"}

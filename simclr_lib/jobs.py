@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from . import distributed, evaluate
 from .checkpoints import CHECKPOINT, read_model_checkpoint
-from .config import EVAL_SETTINGS, Config, make_config
+from .config import EVAL_SETTINGS, Config, make_config, upgrade
 from .data import DatasetSplits, ImageData, balanced_indices, balanced_subset, load_splits
 from .errors import UserError
 from .models import SimCLR, build_model, load_model_state
@@ -33,8 +33,7 @@ def new_run_dir(out: str | Path | None, preset: str, runs_root: str | Path = "ru
 
 def load_data(config: Config) -> tuple[DatasetSplits, ImageData]:
     """The data set's splits and the (possibly class-balanced subset of the) pretraining images."""
-    splits = load_splits(config.dataset, config.data_root, config.image_size, config.download,
-                         config.skip_bad_images)
+    splits = load_splits(config.dataset, config.data_root, config.image_size, config.download, config.skip_bad_images)
     data = splits.pretrain
     if config.train_subset is not None:
         if config.train_subset > len(data):
@@ -75,8 +74,7 @@ def eval_record(trained: dict[str, Any], random_init: dict[str, Any], splits: Da
             "linear": {"top1": trained["linear_top1"], "random_init_top1": random_init["linear_top1"],
                        "train_top1": trained["linear_train_top1"], "split": words["split"],
                        "protocol": words["linear"], "epochs": config.probe_epochs,
-                       "per_class": probe["per_class"], "confusion": probe["confusion"]},
-            **(extra or {})}
+                       "per_class": probe["per_class"], "confusion": probe["confusion"]}, **(extra or {})}
 
 
 def write_json(path: Path, data: dict[str, Any]) -> Path:
@@ -131,7 +129,6 @@ def _finish_run(model: SimCLR, config: Config, splits: DatasetSplits, n_pretrain
                 progress: bool, timing: dict[str, float]) -> dict[str, Any]:
     """Evaluate trained vs random init, draw the figures, write summary.json, eval.json and report.md."""
     from . import viz  # matplotlib is only imported when figures are drawn
-
     device = resolve_device(config.device)
     print("evaluating the trained encoder and the same network at random initialisation ...")
     trained = evaluate_model(model, splits, config, device, progress)
@@ -144,18 +141,16 @@ def _finish_run(model: SimCLR, config: Config, splits: DatasetSplits, n_pretrain
                     fresh_path(figures / "confusion_matrix.png"))
     print(f"drawing t-SNE ({config.tsne_points} test images) and nearest-neighbour retrieval ...")
     representation_figures(model, baseline, splits, config, device, figures, trained.pop("train_features"))
-    summary = {
-        "preset": config.preset, "dataset": config.dataset, "backbone": config.backbone, "width": config.width,
-        "epochs": config.epochs, "batch_size": config.batch_size, "optimizer": config.optimizer,
-        "temperature": config.temperature, "pretrain_images": n_pretrain, "device": device_description(device),
-        "knn_top1": trained["knn_top1"], "linear_top1": trained["linear_top1"],
-        "random_init_knn_top1": random_init["knn_top1"], "random_init_linear_top1": random_init["linear_top1"],
-        "linear_train_top1": trained["linear_train_top1"],
-        "protocol": "; ".join(f"{k}: {v}" for k, v in evaluate.protocols(config, splits).items() if k != "finetune"),
-        "pretrain_seconds": sum(r["seconds"] for r in metrics if r.get("kind") == "epoch"),
-        "pretrain_wall_seconds_this_session": timing["pretrain_wall_seconds_this_session"],
-        "total_seconds": time.perf_counter() - timing["t_start"], "run_dir": str(run_dir),
-    }
+    protocol = "; ".join(f"{k}: {v}" for k, v in evaluate.protocols(config, splits).items() if k != "finetune")
+    summary = {"preset": config.preset, "dataset": config.dataset, "backbone": config.backbone, "width": config.width,
+               "epochs": config.epochs, "batch_size": config.batch_size, "optimizer": config.optimizer,
+               "temperature": config.temperature, "pretrain_images": n_pretrain, "device": device_description(device),
+               "knn_top1": trained["knn_top1"], "linear_top1": trained["linear_top1"],
+               "random_init_knn_top1": random_init["knn_top1"], "random_init_linear_top1": random_init["linear_top1"],
+               "linear_train_top1": trained["linear_train_top1"], "protocol": protocol,
+               "pretrain_seconds": sum(r["seconds"] for r in metrics if r.get("kind") == "epoch"),
+               "pretrain_wall_seconds_this_session": timing["pretrain_wall_seconds_this_session"],
+               "total_seconds": time.perf_counter() - timing["t_start"], "run_dir": str(run_dir)}
     write_json(run_dir / "summary.json", summary)
     write_json(run_dir / "eval.json", eval_record(trained, random_init, splits, config, summary["device"]))
     report = write_report([run_dir])
@@ -188,17 +183,14 @@ def load_trained(source: str | Path, sha256: str | None = None,
     path, state = read_model_checkpoint(source, sha256)
     model = SimCLR(**state["arch"])
     load_model_state(model, state["model"], source=str(path))
-    arch = {k: state["arch"][k] for k in ("backbone", "cifar_stem", "width", "proj_hidden_dim", "proj_dim",
-                                          "proj_batch_norm")}
+    arch = upgrade({k: v for k, v in state["arch"].items() if k not in ("mean", "std")})  # the config's model keys
     # Weights without a recipe are evaluated on CIFAR-10 with their architecture.
-    config = Config(**state["config"]) if "config" in state else make_config("quick", **arch)
+    config = Config(**upgrade(state["config"])) if "config" in state else make_config("quick", **arch)
     changed = {k: v for k, v in (overrides or {}).items() if v is not None}
-    if set(changed) - set(EVAL_SETTINGS):
-        raise UserError(f"{sorted(set(changed) - set(EVAL_SETTINGS))[0]} cannot be changed when evaluating a "
-                        "trained model")
+    if fixed := sorted(set(changed) - set(EVAL_SETTINGS)):
+        raise UserError(f"{fixed[0]} cannot be changed when evaluating a trained model")
     config = config.replace(**changed)
-    splits = load_splits(config.dataset, config.data_root, config.image_size, config.download,
-                         config.skip_bad_images)
+    splits = load_splits(config.dataset, config.data_root, config.image_size, config.download, config.skip_bad_images)
     return on_device(model, resolve_device(config.device)), config, path.parent, splits
 
 
@@ -209,7 +201,7 @@ def label_fraction_results(model: SimCLR, splits: DatasetSplits, config: Config,
     words = evaluate.protocols(config, splits)
     kwargs = dict(mean=splits.mean, std=splits.std, epochs=config.finetune_epochs,
                   batch_size=config.finetune_batch_size, lr=config.finetune_lr, device=device, seed=config.seed,
-                  progress=progress)
+                  progress=progress, min_steps=config.finetune_min_steps)
     jobs = [("finetune", evaluate.finetune, "whole network fine-tuned from the SimCLR encoder + a new linear head, "),
             ("supervised", evaluate.supervised_baseline, "the same backbone trained from random init with the same "
                                                          "budget, ")]
@@ -229,7 +221,6 @@ def evaluate_job(source: str | Path, fractions: list[float], supervised: bool = 
                  overrides: dict[str, Any] | None = None, progress: bool = True) -> dict[str, Any]:
     """`simclr evaluate`: kNN, linear probe, label-fraction fine-tuning vs supervised; eval.json + figures."""
     from . import viz
-
     t0 = time.perf_counter()
     model, config, out_dir, splits = load_trained(source, sha256, overrides)
     device = resolve_device(config.device)
@@ -244,9 +235,8 @@ def evaluate_job(source: str | Path, fractions: list[float], supervised: bool = 
         bars = {f"{p} % labels": {"SimCLR fine-tuned": extra["finetune"][p]["top1"],
                                   **({"supervised": extra["supervised"][p]["top1"]} if supervised else {})}
                 for p in extra["finetune"]}
-        written.append(viz.save_figure(viz.plot_accuracy_bars(bars, "label fractions: fine-tuned SimCLR vs "
-                                                                    "supervised from scratch"),
-                                       fresh_path(figures / "label_fractions.png")))
+        figure = viz.plot_accuracy_bars(bars, "label fractions: fine-tuned SimCLR vs supervised from scratch")
+        written.append(viz.save_figure(figure, fresh_path(figures / "label_fractions.png")))
     result = eval_record(trained, random_init, splits, config, device_description(device),
                          {**extra, "seconds": time.perf_counter() - t0})
     path = write_json(out_dir / "eval.json", result)
@@ -262,7 +252,6 @@ def representation_figures(model: SimCLR, baseline: SimCLR, splits: DatasetSplit
     """figures/tsne.png (random init beside trained, test images) and figures/retrieval.png (nearest train
     images); `train_features`, the trained model's features of the train set when already computed, saves a pass."""
     from . import viz
-
     n = min(config.tsne_points, len(splits.test))
     subset = splits.test.subset(balanced_indices(splits.test.labels, n, config.seed))
     bs = config.eval_batch_size

@@ -11,7 +11,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
 
 from .augment import normalize
 from .checkpoints import read_model_checkpoint
-from .config import BACKBONES, Config
+from .config import BACKBONES, HEAD_NORMS, Config
 from .data import CIFAR10_MEAN, CIFAR10_STD
 from .errors import UserError
 
@@ -35,10 +35,8 @@ class _NarrowResNet(ResNet):
 
 def resnet_encoder(backbone: str = "resnet18", cifar_stem: bool = True, width: int = 64) -> nn.Module:
     """A torchvision ResNet-18/50 without its fc layer, giving h (B, 512) / (B, 2048) at width 64.
-
     The CIFAR stem (paper, Appendix B.9: a 3x3 stride-1 conv1, no max-pool) keeps a 32x32 image from shrinking
-    to 8x8 before the first residual stage; it suits STL-10's 96 px too, not ImageNet-size images.
-    """
+    to 8x8 before the first residual stage; it suits STL-10's 96 px too, not ImageNet-size images."""
     if backbone not in BACKBONES:
         raise UserError(f"unknown backbone {backbone!r}: choose one of {', '.join(BACKBONES)}")
     if width < 1:
@@ -58,14 +56,20 @@ def resnet_encoder(backbone: str = "resnet18", cifar_stem: bool = True, width: i
 
 
 class ProjectionHead(nn.Module):
-    """The MLP g(.) that maps the representation h to the space z where the contrastive loss is applied."""
+    """The MLP g(.) that maps the representation h to the space z where the contrastive loss is applied.
+    `batch_norm`: "none", "hidden" (after the hidden layer) or "all" (after both layers, as the official code; here
+    the last one has no learned scale or shift)."""
 
-    def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int = 128, batch_norm: bool = False):
+    def __init__(self, in_dim: int, hidden_dim: int | None = None, out_dim: int = 128, batch_norm: str = "none"):
         super().__init__()
-        hidden_dim = hidden_dim or in_dim
-        norm = [nn.BatchNorm1d(hidden_dim)] if batch_norm else []  # no bias before a BatchNorm: it would cancel
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=not batch_norm), *norm, nn.ReLU(inplace=True),
-                                 nn.Linear(hidden_dim, out_dim))
+        if batch_norm not in HEAD_NORMS:
+            raise UserError(f"unknown projection-head batch_norm {batch_norm!r}: choose one of {', '.join(HEAD_NORMS)}")
+        hidden_dim, hidden_bn, last_bn = hidden_dim or in_dim, batch_norm != "none", batch_norm == "all"
+        # No bias before a BatchNorm: it would cancel.
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden_dim, bias=not hidden_bn),
+                                 *([nn.BatchNorm1d(hidden_dim)] if hidden_bn else []), nn.ReLU(inplace=True),
+                                 nn.Linear(hidden_dim, out_dim, bias=not last_bn),
+                                 *([nn.BatchNorm1d(out_dim, affine=False)] if last_bn else []))
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         """Project representations (B, in_dim) to (B, out_dim)."""
@@ -76,9 +80,11 @@ class SimCLR(nn.Module):
     """Encoder f(.) + projection head g(.); `forward` gives z for the loss, `encode` gives h for evaluation."""
 
     def __init__(self, backbone: str = "resnet18", cifar_stem: bool = True, width: int = 64,
-                 proj_hidden_dim: int | None = None, proj_dim: int = 128, proj_batch_norm: bool = False,
+                 proj_hidden_dim: int | None = None, proj_dim: int = 128, proj_batch_norm: str = "none",
                  mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD) -> None:
         super().__init__()
+        if isinstance(proj_batch_norm, bool):  # checkpoints of earlier versions: BatchNorm after the hidden layer
+            proj_batch_norm = "hidden" if proj_batch_norm else "none"
         self.arch = dict(backbone=backbone, cifar_stem=cifar_stem, width=width, proj_hidden_dim=proj_hidden_dim,
                          proj_dim=proj_dim, proj_batch_norm=proj_batch_norm, mean=tuple(mean), std=tuple(std))
         self.encoder = resnet_encoder(backbone, cifar_stem, width)

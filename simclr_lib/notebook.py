@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +14,10 @@ from .runtime import device_description, resolve_device
 
 
 def project_root(start: str | Path | None = None) -> Path:
-    """The folder holding pyproject.toml and simclr_lib/, upwards from `start` or the cwd (notebooks/ or the root)."""
+    """The project folder (pyproject.toml + simclr_lib/): the one this package was loaded from, as in a clone or
+    Colab whatever the working folder, else upwards from `start` or the cwd."""
     here = Path(start or Path.cwd()).resolve()
-    for folder in (here, *here.parents):
+    for folder in (*([] if start else [Path(__file__).resolve().parents[1]]), here, *here.parents):
         if (folder / "pyproject.toml").is_file() and (folder / "simclr_lib").is_dir():
             return folder
     return here
@@ -33,22 +36,71 @@ def use_device(name: str = "auto") -> torch.device:
     return device
 
 
+PRETRAINED = "pretrained-cifar10-r18"  # the encoder that ships with the project, in runs/ (see SPEC)
+
 SMOKE_OVERRIDES: dict[str, Any] = dict(train_subset=512, epochs=1, batch_size=128, width=4, warmup_epochs=0.25,
                                        probe_epochs=2, knn_every=1, knn_monitor_size=500, tsne_points=300,
-                                       finetune_epochs=1, log_every=1)
+                                       finetune_epochs=1, finetune_min_steps=0, log_every=1)
+
+
+def finished_runs(runs_root: str | Path, prefix: str = "") -> list[Path]:
+    """Your run folders under `runs_root` (names starting with `prefix`; not the shipped encoder) that finished:
+    checkpoint.pt and summary.json, most recent first."""
+    runs = [d for d in Path(runs_root).glob(f"{prefix}*") if (d / "checkpoint.pt").is_file()
+            and (d / "summary.json").is_file() and d.name != PRETRAINED]
+    return sorted(runs, key=lambda d: (d / "summary.json").stat().st_mtime, reverse=True)
 
 
 def ensure_trained_run(run_dir: str | Path | None, data_root: str | Path, device: str = "auto", smoke: bool = False,
-                       preset: str = "quick", **overrides: Any) -> Path:
-    """`run_dir` if it holds a trained checkpoint, else a run trained now (it says so); with smoke=True a tiny one
-    (SMOKE_OVERRIDES: one short epoch on 512 images), for CI and quick looks."""
+                       preset: str = "quick", runs_root: str | Path | None = None, **overrides: Any) -> Path:
+    """A trained run to look at, and which one it is, said aloud: `run_dir` if it holds a checkpoint, else the most
+    recent finished run in runs/ (with smoke=True: the most recent smoke run), else the shipped pretrained encoder,
+    else one trained now (smoke=True: a tiny one, SMOKE_OVERRIDES, for CI and quick looks)."""
     from .jobs import new_run_dir, run  # here: the training stack loads only when a run must be trained
+    runs_root = Path(runs_root or default_paths()[1])
     if run_dir is not None and (Path(run_dir) / "checkpoint.pt").is_file():
-        print(f"using the trained run in {run_dir}")
+        print(f"using the trained run in {run_dir} (RUN_DIR)")
         return Path(run_dir)
+    if run_dir is None:
+        found = finished_runs(runs_root, "smoke-" if smoke else "")
+        shipped = runs_root / PRETRAINED
+        if found:
+            print(f"using the most recent finished run in runs/: {found[0]} (set RUN_DIR to choose another)")
+            return found[0]
+        if not smoke and (shipped / "checkpoint.pt").is_file():
+            print(f"using the shipped pretrained encoder in {shipped} (set RUN_DIR to use your own run)")
+            return shipped
     settings = {**(SMOKE_OVERRIDES if smoke else {}), **overrides, "data_root": str(data_root), "device": device}
-    print(f"no trained run in {run_dir}: training a {'tiny smoke-test' if smoke else preset} run now "
-          f"({settings.get('epochs', 'preset')} epochs) ...")
+    print(f"no trained run {'in ' + str(run_dir) if run_dir else 'found in ' + str(runs_root)}: training a "
+          f"{'tiny smoke-test' if smoke else preset} run now ({settings.get('epochs', 'preset')} epochs) ...")
     if run_dir is None or Path(run_dir).exists():  # never write into a folder the user already has
-        run_dir = new_run_dir(None, "smoke" if smoke else preset, runs_root=default_paths()[1])
+        run_dir = new_run_dir(None, "smoke" if smoke else preset, runs_root=runs_root)
     return Path(run(make_config(preset, **settings), out=run_dir)["run_dir"])
+
+
+def exercise(name: str, attempt: Callable[..., Any], solution: Callable[..., Any],
+             check: Callable[[Callable[..., Any]], None], smoke: bool = False) -> bool:
+    """Check a learner's `attempt` with `check` (which asserts) and print a verdict. An attempt that raises
+    NotImplementedError is "not attempted yet". With smoke=True (CI) the solution must pass first."""
+    if smoke:
+        check(solution)
+    try:
+        check(attempt)
+    except NotImplementedError:
+        print(f"{name}: not attempted yet. Fill in the cell above; the solution is in the folded cell below it.")
+        return False
+    except AssertionError as exc:
+        print(f"{name}: not yet. {exc}")
+        return False
+    print(f"{name}: correct.")
+    return True
+
+
+def reference_results(name: str = "quick-cpu") -> dict[str, Any]:
+    """A reference run's committed result files, docs/results/<name>/: summary, eval, config and metrics records
+    (the numbers the notebooks quote are read from here, never typed into the text)."""
+    from .train import read_metrics
+
+    folder = project_root() / "docs" / "results" / name
+    files = {key: json.loads((folder / f"{key}.json").read_text()) for key in ("summary", "eval", "config")}
+    return {**files, "metrics": read_metrics(folder / "metrics.jsonl")}

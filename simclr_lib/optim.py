@@ -22,8 +22,8 @@ def scaled_lr(base_lr: float, batch_size: int, rule: str = "linear") -> float:
     raise UserError(f"unknown lr_scaling {rule!r}: choose one of {', '.join(LR_SCALINGS)}")
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: weights (decayed, LARS-adapted) and BatchNorm parameters + biases (neither), as in the paper."""
+def param_groups(model: nn.Module, weight_decay: float, decay_all: bool = False) -> list[dict]:
+    """Two groups as in the paper: weights, and BatchNorm parameters + biases (no LARS, no decay unless `decay_all`)."""
     decay, exclude = [], []
     for module in model.modules():
         for name, p in module.named_parameters(recurse=False):
@@ -32,17 +32,21 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             is_norm = isinstance(module, nn.modules.batchnorm._NormBase | nn.GroupNorm | nn.LayerNorm)
             (exclude if is_norm or name == "bias" else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay, "lars_exclude": False},
-            {"params": exclude, "weight_decay": 0.0, "lars_exclude": True}]
+            {"params": exclude, "weight_decay": weight_decay if decay_all else 0.0, "lars_exclude": True}]
 
 
 class LARS(torch.optim.Optimizer):
     """LARS (You et al. 2017) as SimCLR uses it: momentum SGD with each weight tensor's update scaled by
-    eta * ||w|| / ||g + wd * w||; `lars_exclude=True` groups (BatchNorm, biases) get plain momentum SGD."""
+    trust = eta * ||w|| / ||g + wd * w||; `clip` caps it at 1 / lr, so no layer steps faster than plain SGD at the
+    global lr (LARC, as solo-learn). `lars_exclude=True` groups (BatchNorm, biases) get plain momentum SGD, with
+    weight decay if their group has it."""
 
-    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001):
+    def __init__(self, params, lr: float, momentum: float = 0.9, weight_decay: float = 0.0, eta: float = 0.001,
+                 clip: bool = False):
         if lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
-        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, lars_exclude=False))
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, eta=eta, clip=clip,
+                                      lars_exclude=False))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -54,14 +58,16 @@ class LARS(torch.optim.Optimizer):
             if not params:
                 continue
             grads = [p.grad for p in params]
+            if group["weight_decay"]:
+                grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
             if not group["lars_exclude"]:
-                if group["weight_decay"]:
-                    grads = torch._foreach_add(grads, params, alpha=group["weight_decay"])
                 w_norm = torch.stack(torch._foreach_norm(params))
                 g_norm = torch.stack(torch._foreach_norm(grads))
                 # A zero norm (fresh zero weights, or no gradient) means "no adaptation", trust 1.
                 trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm,
                                     torch.ones_like(w_norm))
+                if group["clip"]:  # the group's lr is a float: no host sync
+                    trust = torch.clamp(trust / max(group["lr"], 1e-12), max=1.0)
                 grads = torch._foreach_mul(grads, list(trust.unbind()))
             old = [i for i, p in enumerate(params) if "momentum_buffer" in self.state[p]]
             if old:
@@ -75,11 +81,12 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9):
+def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float, momentum: float = 0.9,
+                    decay_all: bool = False, lars_eta: float = 1e-3, lars_clip: bool = False):
     """LARS, SGD (momentum) or Adam over `param_groups(model)`; `lr` is the already scaled learning rate."""
-    groups = param_groups(model, weight_decay)
+    groups = param_groups(model, weight_decay, decay_all)
     if name == "lars":
-        return LARS(groups, lr=lr, momentum=momentum)
+        return LARS(groups, lr=lr, momentum=momentum, eta=lars_eta, clip=lars_clip)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
     if name == "adam":

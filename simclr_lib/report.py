@@ -16,13 +16,11 @@ from .errors import UserError
 MISSING = "—"  # what a cell shows when a run did not measure or record that value
 
 # Figures in reading order, with their captions; any other PNG under figures/ follows, captioned with its name.
-FIGURE_CAPTIONS = {
-    "training_curves": "training curves: NT-Xent loss, learning rate and kNN monitor",
-    "tsne": "t-SNE of the encoder's features (colour: true class)",
-    "retrieval": "nearest training images of a few test images",
-    "confusion_matrix": "linear probe: confusion matrix on the test set",
-    "label_fractions": "fine-tuning vs supervised training with a fraction of the labels",
-}
+FIGURE_CAPTIONS = {"training_curves": "training curves: NT-Xent loss, learning rate and kNN monitor",
+                   "tsne": "t-SNE of the encoder's features (colour: true class)",
+                   "retrieval": "nearest training images of a few test images",
+                   "confusion_matrix": "linear probe: confusion matrix on the test set",
+                   "label_fractions": "fine-tuning vs supervised training with a fraction of the labels"}
 
 _N = r"-([2-9]|[1-9]\d+)"  # the version suffix -N of a file stem: N >= 2, written without leading zeros
 

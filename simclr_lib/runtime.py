@@ -35,11 +35,21 @@ def device_description(device: torch.device) -> str:
     return device.type
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (BatchNorm and reductions stay fp32 under autocast); nothing elsewhere."""
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto': bf16 on GPUs that have it, fp16 (with a gradient scaler) on older ones like Colab's T4, else fp32."""
+    if precision != "auto":
+        return precision
     if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """Mixed-precision autocast for bf16 or fp16 (BatchNorm, the loss and reductions stay fp32); nothing for fp32."""
+    precision = resolve_precision(precision, device)
+    if precision == "fp32" or device.type == "meta":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
 def channels_last(module: nn.Module, device: torch.device) -> bool:

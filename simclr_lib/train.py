@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
 
 from . import distributed
 from .augment import SimCLRAugment
@@ -25,10 +26,10 @@ from .data import DatasetSplits, ImageData
 from .distributed import DistInfo
 from .errors import Interrupted, TrainingDiverged, UserError
 from .evaluate import extract_features, knn_accuracy
-from .loss import nt_xent_loss
+from .loss import contrastive_accuracy, nt_xent_loss
 from .models import SimCLR, build_model, load_model_state
 from .optim import WarmupCosineSchedule, build_optimizer, scaled_lr
-from .runtime import autocast, on_device, resolve_device, step_seed, to_layout
+from .runtime import autocast, on_device, resolve_device, resolve_precision, step_seed, to_layout
 
 
 def make_augment(config: Config, splits: DatasetSplits) -> SimCLRAugment:
@@ -58,7 +59,8 @@ def knn_monitor(model: SimCLR, splits: DatasetSplits, config: Config, device: to
     size = config.knn_monitor_size
     bank = splits.train.subset(torch.randperm(len(splits.train), generator=generator)[:size])
     queries = splits.test.subset(torch.randperm(len(splits.test), generator=generator)[: max(1, size // 5)])
-    bank_f, query_f = (extract_features(model, d.images, config.eval_batch_size, device) for d in (bank, queries))
+    bank_f, query_f = (extract_features(model, d.images, config.eval_batch_size, device, config.precision)
+                       for d in (bank, queries))
     return knn_accuracy(bank_f, bank.labels, query_f, queries.labels, splits.num_classes, config.knn_k,
                         config.knn_temperature)
 
@@ -93,14 +95,16 @@ class TrainStep:
     parameters of the whole global batch and applies its slice: together they compute the one-process step."""
 
     def __init__(self, model: nn.Module, augment: SimCLRAugment, optimizer: torch.optim.Optimizer,
-                 schedule: WarmupCosineSchedule, temperature: float, device: torch.device,
-                 compile: bool = False, dist: DistInfo | None = None) -> None:
+                 schedule: WarmupCosineSchedule, temperature: float, device: torch.device, compile: bool = False,
+                 dist: DistInfo | None = None, precision: str = "auto", bn_per_view: bool = False) -> None:
         self.model, self.augment, self.optimizer, self.schedule = model, augment, optimizer, schedule
         self.temperature, self.device, self.dist = temperature, device, dist or DistInfo()
+        self.precision, self.bn_per_view = resolve_precision(precision, device), bn_per_view
+        # fp16 needs its gradients scaled (it would underflow); a disabled scaler passes everything through.
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         network = model
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
-
             network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward = torch.compile(network) if compile else network
         self.apply_augment = torch.compile(augment.apply) if compile else augment.apply
@@ -118,13 +122,17 @@ class TrainStep:
 
     def on_views(self, views: torch.Tensor) -> torch.Tensor:
         """The optimisation step on ready views (2B, ...); returns the detached loss, still on the device."""
-        with autocast(self.device):
-            z = self.forward(views)
         half = views.shape[0] // 2
+        with autocast(self.device, self.precision):
+            # Per view, BatchNorm normalises each view's batch by its own statistics.
+            z = torch.cat([self.forward(views[:half]), self.forward(views[half:])]) if self.bn_per_view \
+                else self.forward(views)
         loss = self.loss_fn(z[:half], z[half:], self.temperature)
+        self.accuracy = contrastive_accuracy(z[:half].detach(), z[half:].detach())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.schedule.step()
         return loss.detach()
 
@@ -133,17 +141,11 @@ class TrainStep:
         return self.on_views(self.views(images, generator))
 
 
-class _Rows(torch.utils.data.Dataset):
-    """A uint8 image tensor as a data set whose DataLoader batches are gathered in one indexing call."""
-
-    def __init__(self, images: torch.Tensor) -> None:
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
+class _Rows(torch.utils.data.TensorDataset):
+    """One uint8 image tensor as a data set whose DataLoader batches are gathered in one indexing call."""
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return self.images[torch.as_tensor(indices)]
+        return self.tensors[0][torch.as_tensor(indices)]
 
 
 def _as_batch(batch: torch.Tensor) -> torch.Tensor:
@@ -163,9 +165,8 @@ class BatchSource:
 
     def __init__(self, data: ImageData, placement: str, batch_size: int, seed: int, device: torch.device,
                  workers: int = 4, dist: DistInfo | None = None) -> None:
-        self.placement, self.batch_size, self.seed, self.device, self.workers = (placement, batch_size, seed,
-                                                                                 device, workers)
-        self.dist = dist or DistInfo()
+        self.placement, self.batch_size, self.seed, self.device = placement, batch_size, seed, device
+        self.workers, self.dist = workers, dist or DistInfo()
         self.local_batch = batch_size // self.dist.world_size
         self.images = data.images.to(device) if placement == "device" else data.images
         self.n = len(data)
@@ -173,9 +174,7 @@ class BatchSource:
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         """The batches of `epoch` from `start_step` on."""
-        order = epoch_order(self.seed, epoch, self.n)
-        if self.placement == "device":
-            order = order.to(self.device)
+        order = epoch_order(self.seed, epoch, self.n).to(self.images.device)
         first = self.dist.rank * self.local_batch
         rows = (order[i * self.batch_size + first:i * self.batch_size + first + self.local_batch]
                 for i in range(start_step, self.steps_per_epoch))
@@ -189,13 +188,11 @@ class BatchSource:
 
 
 def data_placement(config: Config, data: ImageData, device: torch.device) -> str:
-    """'auto' keeps the uint8 set on the device when it takes at most a quarter of the free CUDA memory (and
-    always on other devices); otherwise batches are streamed."""
+    """'auto': "device" if the uint8 set takes at most 1/4 of the free CUDA memory (always off CUDA), else "stream"."""
     if config.data_placement != "auto":
         return config.data_placement
-    if device.type == "cuda":
-        return "device" if data.images.nbytes <= torch.cuda.mem_get_info(device)[0] / 4 else "stream"
-    return "device"
+    fits = device.type != "cuda" or data.images.nbytes <= torch.cuda.mem_get_info(device)[0] / 4
+    return "device" if fits else "stream"
 
 
 def check_pretraining_data(n: int, config: Config, world_size: int = 1) -> None:
@@ -210,10 +207,8 @@ def check_pretraining_data(n: int, config: Config, world_size: int = 1) -> None:
 
 class Pretraining:
     """Everything one pretraining run holds: model, optimiser, schedule, batches, log, checkpoints and progress.
-
     Every random draw is a function of (seed, epoch, step), so resuming from a checkpoint (written at every epoch
-    end, and mid-epoch when SIGINT/SIGTERM asks the run to stop) continues exactly as if the run had never stopped.
-    """
+    end, and mid-epoch when SIGINT/SIGTERM asks the run to stop) continues exactly as if the run had never stopped."""
 
     def __init__(self, config: Config, splits: DatasetSplits, data: ImageData, run_dir: Path) -> None:
         self.info = info = distributed.current()
@@ -229,9 +224,11 @@ class Pretraining:
                                self.device)
         self.optimizer = build_optimizer(config.optimizer, self.model,
                                          scaled_lr(config.lr, config.batch_size, config.lr_scaling),
-                                         config.weight_decay, config.momentum)
+                                         config.weight_decay, config.momentum, config.weight_decay_all,
+                                         config.lars_eta, config.lars_clip)
         self.step_fn = TrainStep(self.model, make_augment(config, splits).to(self.device), self.optimizer,
-                                 self._schedule(), config.temperature, self.device, config.compile, info)
+                                 self._schedule(), config.temperature, self.device, config.compile, info,
+                                 config.precision, config.bn_per_view)
         self.generator = torch.Generator(device=self.device)
         self.checkpoints = CheckpointWriter(run_dir, config.keep, enabled=info.is_main)
         # Where the run stands: the next (epoch, step), the partial epoch's loss sum and seconds, the history.
@@ -256,6 +253,8 @@ class Pretraining:
         load_model_state(self.model, state["model"], source=str(self.checkpoints.path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_fn.schedule.load_state_dict(state["schedule"])
+        if state.get("scaler"):  # fp16 runs only
+            self.step_fn.scaler.load_state_dict(state["scaler"])
         self.epoch, self.step, self.history = state["epoch"], state["step_in_epoch"], state["history"]
         self.loss_sum, self.seconds = state["epoch_loss_sum"], state["epoch_seconds"]
         self.seconds_before = state["pretrain_seconds"] - self.seconds  # the partial epoch counts at its end
@@ -264,12 +263,11 @@ class Pretraining:
 
     def fit_to_budget(self, deadline: float, warmup_steps: int = 3, measured_steps: int = 10) -> None:
         """Train as many epochs as fit before `deadline` (a perf_counter() value), at least 1, at most config.epochs.
-
         Times real steps (after untimed ones that absorb compilation and autotuning), one kNN monitor and one
-        checkpoint write, then puts model, optimiser and schedule back as they were; config.json follows.
-        """
+        checkpoint write, then puts model, optimiser, schedule and scaler back as they were; config.json follows."""
         step_fn, config = self.step_fn, self.config
-        saved = copy.deepcopy((self.model.state_dict(), self.optimizer.state_dict(), step_fn.schedule.state_dict()))
+        parts = (self.model, self.optimizer, step_fn.schedule, step_fn.scaler)
+        saved = copy.deepcopy([part.state_dict() for part in parts])
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         warmup_steps = min(warmup_steps, self.steps_per_epoch - 1)
         measured_steps = max(1, min(measured_steps, self.steps_per_epoch - warmup_steps))
@@ -296,9 +294,8 @@ class Pretraining:
             save_checkpoint(probe, {"model": saved[0], "optimizer": saved[1]})
             probe.unlink()
             fit["checkpoint_seconds"] = time.perf_counter() - t1
-        self.model.load_state_dict(saved[0])
-        self.optimizer.load_state_dict(saved[1])
-        step_fn.schedule.load_state_dict(saved[2])
+        for part, state in zip(parts, saved):
+            part.load_state_dict(state)
         fit["epoch_seconds"] = self.steps_per_epoch * fit["step_seconds"] + fit["monitor_seconds"] + \
             fit["checkpoint_seconds"]
         fit["seconds_left"] = deadline - time.perf_counter() - once  # after building, loading and calibrating
@@ -317,20 +314,17 @@ class Pretraining:
     def state_dict(self) -> dict[str, Any]:
         """The full state of the run at (self.epoch, self.step), for checkpoint.pt."""
         return {"arch": self.model.arch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "schedule": self.step_fn.schedule.state_dict(), "epoch": self.epoch, "step_in_epoch": self.step,
-                "step": self.epoch * self.steps_per_epoch + self.step, "epoch_loss_sum": self.loss_sum,
-                "epoch_seconds": self.seconds, "config": self.config.to_dict(), "history": self.history,
-                "pretrain_seconds": self.seconds_before + self.seconds,
+                "schedule": self.step_fn.schedule.state_dict(), "scaler": self.step_fn.scaler.state_dict(),
+                "epoch": self.epoch, "step_in_epoch": self.step, "step": self.epoch * self.steps_per_epoch + self.step,
+                "epoch_loss_sum": self.loss_sum, "epoch_seconds": self.seconds, "config": self.config.to_dict(),
+                "history": self.history, "pretrain_seconds": self.seconds_before + self.seconds,
                 # Every draw of the loop is seeded from (seed, epoch, step); the global RNG is kept for user code.
                 "rng": torch.get_rng_state()}
 
     def run(self, progress: bool) -> SimCLR:
         """Train the remaining epochs; return the model in eval mode."""
-        pbar = None
-        if progress and self.info.is_main:
-            from tqdm.auto import tqdm
-            pbar = tqdm(total=self.config.epochs * self.steps_per_epoch, desc="pretrain", unit="step",
-                        initial=self.epoch * self.steps_per_epoch + self.step, dynamic_ncols=True)
+        pbar = tqdm(total=self.config.epochs * self.steps_per_epoch, desc="pretrain", unit="step", dynamic_ncols=True,
+                    initial=self.epoch * self.steps_per_epoch + self.step, disable=not (progress and self.info.is_main))
         self.model.train()
         try:
             with StopRequest() as stop:
@@ -338,29 +332,27 @@ class Pretraining:
                     self._train_epoch(stop, pbar)
                     self._end_epoch()
         finally:
-            if pbar is not None:
-                pbar.close()
+            pbar.close()
         distributed.barrier()
         return self.model.eval()
 
     def _train_epoch(self, stop: StopRequest, pbar: Any) -> None:
         """The steps of the current epoch from self.step on; the loss is summed on the device (no host sync)."""
         t0, seconds_before, first = time.perf_counter(), self.seconds, self.step
-        loss_sum, window, window_steps = torch.zeros((), device=self.device), torch.zeros((), device=self.device), 0
+        loss_sum, window, window_steps = torch.zeros((), device=self.device), torch.zeros(2, device=self.device), 0
         for i, batch in enumerate(self.source.epoch(self.epoch, first), start=first):
             global_step = self.epoch * self.steps_per_epoch + i + 1
             self.generator.manual_seed(step_seed(self.config.seed, self.epoch, i))
             lr = self.optimizer.param_groups[0]["lr"]
             loss = self.step_fn(batch, self.generator)
             loss_sum += loss
-            window += loss
+            window += torch.stack([loss, self.step_fn.accuracy])
             window_steps += 1
             at_log = global_step % self.config.log_every == 0 or i == self.steps_per_epoch - 1
             if at_log:
                 self._log_steps(window / window_steps, global_step, lr, pbar)
-                window, window_steps = torch.zeros((), device=self.device), 0
-            if pbar is not None:
-                pbar.update(1)
+                window, window_steps = torch.zeros(2, device=self.device), 0
+            pbar.update(1)
             # Honour SIGINT/SIGTERM after a whole step; with several processes only where all ranks meet.
             stopping = stop.signum is not None
             if self.info.enabled:
@@ -376,23 +368,24 @@ class Pretraining:
         self.views_per_s = 2 * (self.steps_per_epoch - first) * self.config.batch_size / max(
             self.seconds - seconds_before, 1e-9)
 
-    def _log_steps(self, mean_loss: torch.Tensor, global_step: int, lr: float, pbar: Any) -> None:
-        """The only host sync of the loop, every log_every steps (a collective, so all ranks agree)."""
-        value = distributed.mean_over_ranks(mean_loss).item()
+    def _log_steps(self, means: torch.Tensor, global_step: int, lr: float, pbar: Any) -> None:
+        """The only host sync of the loop, every log_every steps (a collective, so all ranks agree): the mean loss
+        and contrastive accuracy of the steps since the last log."""
+        value, accuracy = distributed.mean_over_ranks(means).tolist()
         if not math.isfinite(value):
+            fp32 = "" if self.step_fn.precision == "fp32" else ", or pass --precision fp32"
             raise TrainingDiverged(f"the loss became {value} at step {global_step} (epoch {self.epoch + 1}): lower "
-                                   "--lr, raise --temperature, or train in fp32 (bf16 autocast is on with CUDA); the "
+                                   f"--lr or raise --temperature{fp32}; the "
                                    f"last good checkpoint is kept in {self.checkpoints.path}")
-        self.log({"kind": "step", "epoch": self.epoch, "step": global_step, "loss": value, "lr": lr})
-        if pbar is not None:
-            pbar.set_postfix(epoch=f"{self.epoch + 1}/{self.config.epochs}", loss=f"{value:.3f}", lr=f"{lr:.3g}")
+        self.log({"kind": "step", "epoch": self.epoch, "step": global_step, "loss": value, "lr": lr,
+                  "contrastive_acc": accuracy})
+        pbar.set_postfix(epoch=f"{self.epoch + 1}/{self.config.epochs}", loss=f"{value:.3f}", lr=f"{lr:.3g}")
 
     def _end_epoch(self) -> None:
         """The epoch's record (with the kNN monitor when due), then a checkpoint at the start of the next epoch."""
         done, every = self.epoch + 1, self.config.knn_every
         record = {"kind": "epoch", "epoch": done, "loss": self.loss_sum / self.steps_per_epoch,
-                  "lr": self.optimizer.param_groups[0]["lr"], "seconds": self.seconds,
-                  "views_per_s": self.views_per_s}
+                  "lr": self.optimizer.param_groups[0]["lr"], "seconds": self.seconds, "views_per_s": self.views_per_s}
         # knn_every 0 monitors only after the last epoch.
         if self.info.is_main and (done == self.config.epochs or (every and done % every == 0)):
             record["knn_monitor_top1"] = knn_monitor(self.model, self.splits, self.config, self.device)
@@ -405,9 +398,8 @@ class Pretraining:
 
 def pretrain(config: Config, splits: DatasetSplits, data: ImageData, run_dir: Path, resume: bool = False,
              progress: bool = True) -> tuple[SimCLR, Config]:
-    """Contrastive pretraining as `config` describes, writing metrics.jsonl and checkpoints into run_dir; returns
-    the model and the config it ran with (config.time_budget first fits the epochs to the budget). Under torchrun
-    every rank calls this; rank 0 alone logs and writes files."""
+    """Contrastive pretraining as `config` says, with metrics.jsonl and checkpoints in run_dir; returns the model and
+    the config it ran with (a time_budget first fits the epochs). Under torchrun all ranks call it; rank 0 writes."""
     start = time.perf_counter()
     run = Pretraining(config, splits, data, Path(run_dir))
     if resume and run.checkpoints.path.exists():

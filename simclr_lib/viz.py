@@ -30,19 +30,13 @@ def _tidy(fig: Figure, *axes: Any, legend: bool = False) -> Figure:
 
 def _denormalize(images: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
     """Normalised images back to [0, 1] for display (the inverse of augment.normalize)."""
-    images = images.detach().float().cpu()
     mean, std = (torch.as_tensor(v, dtype=torch.float32).cpu().reshape(1, 3, 1, 1) for v in (mean, std))
-    return (images * std + mean).clamp(0, 1)
+    return (images.detach().float().cpu() * std + mean).clamp(0, 1)
 
 
 def _as_rgb(image: torch.Tensor) -> np.ndarray:
     """One (3, H, W) uint8 or [0, 1] float image as an (H, W, 3) array imshow understands."""
     return to_unit_float(image.detach().cpu()).clamp(0, 1).permute(1, 2, 0).numpy()
-
-
-def _no_ticks(axes: Any) -> None:
-    for ax in np.ravel(axes):
-        ax.set(xticks=[], yticks=[])
 
 
 def _to_numpy(values: Any) -> np.ndarray:
@@ -67,16 +61,21 @@ def save_figure(fig: Figure, path: str | Path) -> Path:
 
 
 def plot_training_curves(records: list[dict[str, Any]]) -> Figure:
-    """Loss per logged step, learning rate, and the kNN monitor per epoch, from metrics.jsonl records."""
+    """Loss and lr per logged step, kNN monitor per epoch and contrastive accuracy (if logged), from metrics.jsonl."""
     steps = [r for r in records if r.get("kind") == "step"]
     knn = [r for r in records if r.get("kind") == "epoch" and "knn_monitor_top1" in r]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    accuracy = [r for r in steps if "contrastive_acc" in r]
+    fig, axes = plt.subplots(1, 4 if accuracy else 3, figsize=(17 if accuracy else 13, 3.6))
     axes[0].plot([r["step"] for r in steps], [r["loss"] for r in steps], lw=1)
     axes[0].set(title="NT-Xent loss", xlabel="step", ylabel="loss (mean over logged steps)")
     axes[1].plot([r["step"] for r in steps], [r["lr"] for r in steps], lw=1, color="tab:orange")
     axes[1].set(title="learning rate (warmup + cosine, per step)", xlabel="step", ylabel="lr")
     axes[2].plot([r["epoch"] for r in knn], [r["knn_monitor_top1"] for r in knn], marker="o", color="tab:green")
     axes[2].set(title="kNN monitor (subset)", xlabel="epoch", ylabel="top-1 (%)")
+    if accuracy:
+        axes[3].plot([r["step"] for r in accuracy], [100 * r["contrastive_acc"] for r in accuracy], lw=1,
+                     color="tab:purple")
+        axes[3].set(title="contrastive accuracy (positive ranked first)", xlabel="step", ylabel="% of anchors")
     return _tidy(fig, *axes)
 
 
@@ -87,7 +86,7 @@ def show_images(images: torch.Tensor, mean=None, std=None, nrow: int = 8, title:
         images = _denormalize(images, mean, std)
     rows = (len(images) + nrow - 1) // nrow
     fig, axes = plt.subplots(rows, nrow, figsize=(1.3 * nrow, 1.3 * rows + (0.4 if title else 0)), squeeze=False)
-    _no_ticks(axes)
+    plt.setp(axes, xticks=[], yticks=[])
     for i, ax in enumerate(axes.flat):
         if i < len(images):
             ax.imshow(_as_rgb(images[i]), interpolation="nearest")
@@ -121,7 +120,6 @@ def tsne_embedding(features: torch.Tensor, seed: int = 0, perplexity: float = 30
     from sklearn.decomposition import PCA  # scikit-learn takes seconds to import: only load it when needed
     from sklearn.manifold import TSNE
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
-
     x = torch.nn.functional.normalize(features.detach().float().cpu().flatten(1), dim=1).numpy()
     if (n := len(x)) < 4:
         raise ValueError(f"t-SNE needs at least 4 points, got {n}")
@@ -150,7 +148,7 @@ def plot_tsne(embeddings: dict[str, np.ndarray], labels: Any, classes: list[str]
         ax.scatter(points[:, 0], points[:, 1], c=[colours[i] for i in labels], s=6, alpha=0.7, linewidths=0)
         # t-SNE coordinates have no units and no meaning of their own: only who sits near whom does.
         ax.set(title=name, xlabel="t-SNE dimension 1", ylabel="t-SNE dimension 2")
-    _no_ticks(axes)
+    plt.setp(axes, xticks=[], yticks=[])
     # Built by hand so every class gets an entry with a visible marker, even one absent from the points shown.
     handles = [Line2D([], [], marker="o", linestyle="", markersize=7, color=colours[i], label=name)
                for i, name in enumerate(classes)]
@@ -178,9 +176,8 @@ def plot_retrieval(queries: torch.Tensor, neighbours: torch.Tensor, query_labels
             text = classes[label] if sims is None else f"{classes[label]}\ncos {sims[row, col]:.2f}"
             ax.set_title(text, fontsize=9, color=colour)
             # A coloured frame makes right and wrong neighbours visible at a glance, not only in the title.
-            for spine in ax.spines.values():
-                spine.set(edgecolor=colour, linewidth=2)
-    _no_ticks(axes)
+            plt.setp(list(ax.spines.values()), edgecolor=colour, linewidth=2)
+    plt.setp(axes, xticks=[], yticks=[])
     for col, ax in enumerate(axes[-1]):
         ax.set_xlabel("query" if col == 0 else f"neighbour {col}", fontsize=8)
     fig.legend(handles=[Patch(color=MATCH_COLOUR, label="same class as the query"),
@@ -193,7 +190,6 @@ def plot_retrieval(queries: torch.Tensor, neighbours: torch.Tensor, query_labels
 def plot_confusion_matrix(confusion: Any, classes: list[str], title: str = "linear probe: confusion matrix") -> Figure:
     """A heatmap of a confusion matrix (rows = true class), each row in percent of its true class."""
     import seaborn as sns  # slow to import; only needed here
-
     counts = _to_numpy(confusion).astype(float)
     totals = counts.sum(axis=1, keepdims=True)
     percent = np.divide(100 * counts, totals, out=np.zeros_like(counts), where=totals > 0)  # an empty row stays 0

@@ -39,6 +39,7 @@ def test_end_to_end_run_writes_every_file(tiny_folder, tmp_path, capsys):
     assert [r["epoch"] for r in epochs] == [1, 2] and all("knn_monitor_top1" in r for r in epochs)
     steps = [r for r in records if r["kind"] == "step"]
     assert steps[-1]["step"] == 8 and steps[0]["lr"] > 0  # 64 images / batch 16 = 4 steps per epoch
+    assert all(0 <= r["contrastive_acc"] <= 1 for r in steps)
     config = json.loads((out / "config.json").read_text())
     assert config["width"] == 4 and config["preset"] == "quick"  # config.json, a plain dict
     assert "kNN top-1" in capsys.readouterr().out
@@ -169,8 +170,8 @@ def test_evaluate_tsne_and_report_commands(tiny_folder, tmp_path, capsys, monkey
     assert "report:" in capsys.readouterr().out
     first = {name: (out / name).read_bytes() for name in ("eval.json", "report.md", "figures/tsne.png",
                                                           "figures/confusion_matrix.png")}
-    code = main(["evaluate", str(out), "--label-fractions", "25,50", "--finetune-epochs", "2", "--probe-epochs", "2",
-                 "--no-progress"])
+    code = main(["evaluate", str(out), "--label-fractions", "25,50", "--finetune-epochs", "2", "--finetune-min-steps",
+                 "0", "--probe-epochs", "2", "--no-progress"])
     assert code == 0
     # Nothing the run wrote is replaced: the new evaluation, figures and report go beside the old ones.
     result = json.loads((out / "eval-2.json").read_text())

@@ -41,6 +41,10 @@ def test_overrides_win_and_none_keeps_the_preset():
     ("epochs", "ten", "'epochs' must be int"),
     ("gray_prob", 1.5, "gray_prob must be in [0, 1]"),
     ("color_strength", 2.6, "color_strength must be in [0, 2.5]"),  # hue 0.2 s must stay within 0.5
+    ("precision", "fp8", "precision must be one of auto, bf16, fp16, fp32"),
+    ("proj_batch_norm", "every", "proj_batch_norm must be one of none, hidden, all"),
+    ("lars_eta", 0.0, "lars_eta must be greater than 0"),
+    ("weight_decay_all", "yes", "'weight_decay_all' must be bool"),
 ])
 def test_bad_values_name_the_key(key, value, words):
     with pytest.raises(UserError, match=words.replace("[", r"\[").replace("]", r"\]")):
@@ -65,6 +69,10 @@ def test_load_config_roundtrip_and_errors(tmp_path):
     path.write_text(json.dumps({**config.to_dict(), "lr": "fast"}))
     with pytest.raises(UserError, match="'lr' must be float"):
         load_config(path)
+    # config.json of earlier versions: proj_batch_norm was true (after the hidden layer) or false
+    for old, new in ((True, "hidden"), (False, "none")):
+        path.write_text(json.dumps({**config.to_dict(), "proj_batch_norm": old}))
+        assert load_config(path).proj_batch_norm == new
 
 
 def test_config_is_frozen_and_replace_validates():

@@ -28,7 +28,7 @@ def global_views() -> tuple[torch.Tensor, torch.Tensor]:
 
 def model_config():
     # BN in the projection head too, so both BatchNorm2d (encoder) and BatchNorm1d (head) are exercised.
-    return make_config("quick", width=4, proj_batch_norm=True, device="cpu")
+    return make_config("quick", width=4, proj_batch_norm="all", device="cpu")
 
 
 def gradients(model) -> dict[str, torch.Tensor]:

@@ -157,6 +157,14 @@ def test_a_last_batch_of_one_image_is_dropped(task):
     assert result["steps"] == 2  # 4 + 4, the ninth image alone would break BatchNorm
 
 
+def test_a_tiny_label_fraction_gets_at_least_min_steps(task):
+    train, test = task  # 32 images at batch 16: 2 steps per epoch
+    model = tiny_model(0)
+    result = train_classifier(model.encoder, model.feature_dim, train, test, 4, MEAN, STD, epochs=1, batch_size=16,
+                              min_steps=7)
+    assert result["epochs"] == 4 and result["steps"] == 8  # whole epochs, at least 7 steps
+
+
 def test_finetuning_learns_an_easy_task(task):
     # 40 steps at batch 16: fewer steps or smaller batches leave BatchNorm's running statistics (used in eval
     # mode) too far from the batch statistics the network was trained with, and whole classes get mixed up.

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from simclr_lib.loss import nt_xent_loss, nt_xent_loss_naive
+from simclr_lib.loss import contrastive_accuracy, nt_xent_loss, nt_xent_loss_naive
 
 
 @pytest.mark.parametrize("n", [2, 3, 7, 16])
@@ -65,3 +65,18 @@ def test_rejects_invalid_input(bad):
     z2 = torch.randn(n + 1 if bad.get("shape_mismatch") else n, 4)
     with pytest.raises(ValueError):
         nt_xent_loss(z1, z2, bad.get("temperature", 0.5))
+
+
+@pytest.mark.parametrize("n", [2, 5, 16])
+def test_contrastive_accuracy_matches_a_loop_over_anchors(n):
+    g = torch.Generator().manual_seed(n)
+    z1 = torch.randn(n, 4, generator=g)
+    z2 = z1 + 0.8 * torch.randn(n, 4, generator=g)  # some positives win, some do not
+    z = torch.nn.functional.normalize(torch.cat([z1, z2]), dim=1)
+    hits = 0
+    for i in range(2 * n):
+        positive = (i + n) % (2 * n)
+        best = max((k for k in range(2 * n) if k != i), key=lambda k: float(z[i] @ z[k]))
+        hits += best == positive
+    assert contrastive_accuracy(z1, z2).item() == pytest.approx(hits / (2 * n))
+    assert contrastive_accuracy(z1, z1.clone()).item() == 1.0  # identical views: every positive ranks first

@@ -52,8 +52,23 @@ def test_projection_head_shapes():
     head = ProjectionHead(512, 512, 128)
     assert head(torch.randn(3, 512)).shape == (3, 128)
     assert sum(isinstance(m, nn.ReLU) for m in head.modules()) == 1
-    bn = ProjectionHead(2048, 2048, 128, batch_norm=True)
-    assert any(isinstance(m, nn.BatchNorm1d) for m in bn.modules())
+    for where, count in (("none", 0), ("hidden", 1), ("all", 2)):
+        bn = ProjectionHead(64, 32, 16, batch_norm=where)
+        norms = [m for m in bn.modules() if isinstance(m, nn.BatchNorm1d)]
+        assert len(norms) == count
+        # no bias right before a BatchNorm (it would cancel); the last BatchNorm learns nothing (official code)
+        linears = [m for m in bn.modules() if isinstance(m, nn.Linear)]
+        assert [m.bias is None for m in linears] == [count >= 1, count == 2]
+        assert bn.train()(torch.randn(8, 64)).shape == (8, 16)
+    z = ProjectionHead(64, 32, 16, batch_norm="all").train()(torch.randn(8, 64))
+    torch.testing.assert_close(z.mean(0), torch.zeros(16), atol=1e-5, rtol=0)  # normalised over the batch
+    with pytest.raises(UserError, match="batch_norm"):
+        ProjectionHead(64, batch_norm="yes")
+
+
+def test_checkpoints_of_earlier_versions_with_a_boolean_head_flag_still_load():
+    assert SimCLR(width=4, proj_batch_norm=True).arch["proj_batch_norm"] == "hidden"
+    assert SimCLR(width=4, proj_batch_norm=False).arch["proj_batch_norm"] == "none"
 
 
 def test_simclr_forward_and_encode():
@@ -71,7 +86,7 @@ def test_simclr_forward_and_encode():
 
 def test_build_model_is_seeded():
     config = Config(seed=3, backbone="resnet18", cifar_stem=True, width=8, proj_hidden_dim=None, proj_dim=32,
-                    proj_batch_norm=False)
+                    proj_batch_norm="none")
     a, b = build_model(config), build_model(config)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.equal(pa, pb)

@@ -25,11 +25,13 @@ def test_param_groups_exclude_batchnorm_and_biases():
     assert exclude["lars_exclude"] and not decay["lars_exclude"]
 
 
-def test_lars_matches_the_formula_and_skips_excluded_parameters():
+@pytest.mark.parametrize("eta, clip, decay_all, lr", [(0.001, False, False, 0.5), (0.02, True, True, 0.5),
+                                                   (0.02, True, False, 0.001), (0.5, False, True, 0.1)])
+def test_lars_matches_the_formula_and_skips_excluded_parameters(eta, clip, decay_all, lr):
     net = small_net()
     x = torch.randn(2, 3, 4, 4)
-    lr, wd, eta, momentum = 0.5, 1e-3, 0.001, 0.9
-    opt = LARS(param_groups(net, wd), lr=lr, momentum=momentum, eta=eta)
+    wd, momentum = 1e-3, 0.9
+    opt = LARS(param_groups(net, wd, decay_all), lr=lr, momentum=momentum, eta=eta, clip=clip)
     expected = {}
     buffers = {}
     for step in range(2):
@@ -37,15 +39,24 @@ def test_lars_matches_the_formula_and_skips_excluded_parameters():
         for group_excluded, group in zip((False, True), opt.param_groups):
             for p in group["params"]:
                 g = p.grad.clone()
-                if not group_excluded:  # the paper's LARS: decay, then trust ratio, then momentum
+                if not group_excluded or decay_all:
                     g = g + wd * p.detach()
-                    g = g * (eta * p.detach().norm() / g.norm())
+                if not group_excluded:  # the paper's LARS: decay, then trust ratio, then momentum
+                    trust = eta * p.detach().norm() / g.norm()
+                    g = g * (min(trust.item() / lr, 1.0) if clip else trust)  # LARC: never above plain SGD
                 buffers[id(p)] = g if step == 0 else momentum * buffers[id(p)] + g
                 expected[id(p)] = p.detach() - lr * buffers[id(p)]
         opt.step()
         opt.zero_grad()
         for p in net.parameters():
             torch.testing.assert_close(p.detach(), expected[id(p)], rtol=1e-5, atol=1e-7)
+
+
+def test_weight_decay_all_decays_batchnorm_and_biases_too():
+    decay, exclude = param_groups(small_net(), weight_decay=5e-4, decay_all=True)
+    assert decay["weight_decay"] == exclude["weight_decay"] == 5e-4 and exclude["lars_exclude"]
+    sgd = build_optimizer("sgd", small_net(), lr=0.1, weight_decay=5e-4, decay_all=True)
+    assert [g["weight_decay"] for g in sgd.param_groups] == [5e-4, 5e-4]
 
 
 def test_lars_trust_is_one_for_zero_weights():

@@ -307,3 +307,13 @@ def test_report_command_line_and_bad_input(runs, tmp_path, capsys):
         write_report([tmp_path / "no-such-run"])
     with pytest.raises(UserError):
         write_report([])
+
+
+def test_training_curves_show_the_contrastive_accuracy_when_logged():
+    steps = [{"kind": "step", "step": i, "loss": 5 - i / 10, "lr": 0.1, "contrastive_acc": i / 20} for i in range(1, 9)]
+    epochs = [{"kind": "epoch", "epoch": 1, "knn_monitor_top1": 30.0}]
+    fig = viz.plot_training_curves(steps + epochs)
+    assert len(fig.axes) == 4 and list(fig.axes[3].lines[0].get_ydata()) == [100 * i / 20 for i in range(1, 9)]
+    old_run = [{k: v for k, v in r.items() if k != "contrastive_acc"} for r in steps]
+    assert len(viz.plot_training_curves(old_run + epochs).axes) == 3  # runs of earlier versions still draw
+    plt.close("all")

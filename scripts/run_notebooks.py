@@ -2,11 +2,16 @@
 committed without outputs, a `parameters` cell. Used by CI and `make notebooks`.
 
 Usage: python scripts/run_notebooks.py [--full] [--out DIR] [NOTEBOOK ...]
+
+With --out, the executed copies (outputs and figures included) and timings-<smoke|full>.json (seconds per notebook,
+with the machine) are kept there: `make executed-notebooks` writes the full-path versions into docs/executed/.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import platform
 import sys
 import tempfile
 import time
@@ -49,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="executed-notebooks-"))
     out_dir.mkdir(parents=True, exist_ok=True)
-    failures = []
+    failures, timings = [], {}
     for path in args.paths or notebooks():
         path = path.resolve()
         problems = static_problems(path)
@@ -67,8 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         seconds = time.perf_counter() - t0
         status = "ok" if not problems else "FAIL: " + "; ".join(problems)
         print(f"{path.relative_to(ROOT)}: {seconds:.0f} s, {figures} figures, {status}", flush=True)
+        timings[path.name] = round(seconds, 1)
         if problems:
             failures.append(path.name)
+    sys.path.insert(0, str(ROOT))
+    from simclr_lib.runtime import device_description, resolve_device
+
+    machine = f"{device_description(resolve_device('auto'))}, {platform.machine()}"
+    (out_dir / f"timings-{'full' if args.full else 'smoke'}.json").write_text(
+        json.dumps({"machine": machine, "seconds": timings}, indent=2) + "\n")
     print(f"executed copies in {out_dir}")
     if failures:
         print(f"{len(failures)} notebook(s) failed: {', '.join(failures)}")

@@ -1,7 +1,9 @@
 """The notebooks' shared helpers: project paths from any folder, and reuse of an existing trained run."""
 
+import os
 from pathlib import Path
 
+import pytest
 import torch
 
 from simclr_lib.models import SimCLR
@@ -21,3 +23,90 @@ def test_an_existing_trained_run_is_used_as_it_is(tmp_path, capsys):
     torch.save({"arch": model.arch, "model": model.state_dict()}, tmp_path / "checkpoint.pt")
     assert ensure_trained_run(tmp_path, data_root=tmp_path) == tmp_path
     assert "using the trained run" in capsys.readouterr().out
+
+
+def fake_run(folder: Path, finished: bool = True) -> Path:
+    folder.mkdir(parents=True)
+    model = SimCLR("resnet18", width=4)
+    torch.save({"arch": model.arch, "model": model.state_dict()}, folder / "checkpoint.pt")
+    if finished:
+        (folder / "summary.json").write_text("{}")
+    return folder
+
+
+def test_without_run_dir_the_most_recent_finished_run_is_used_and_named(tmp_path, capsys):
+    import os
+
+    runs = tmp_path / "runs"
+    old, new = fake_run(runs / "quick-1"), fake_run(runs / "quick-2")
+    fake_run(runs / "quick-3", finished=False)  # interrupted: no summary.json
+    os.utime(old / "summary.json", (2e9, 2e9))  # finished last
+    smoke = fake_run(runs / "smoke-1")
+    os.utime(smoke / "summary.json", (1e9, 1e9))
+    assert ensure_trained_run(None, tmp_path, runs_root=runs) == old
+    assert "most recent finished run" in capsys.readouterr().out
+    # SMOKE (CI) only reuses smoke runs, so it never evaluates a big run by accident
+    assert ensure_trained_run(None, tmp_path, smoke=True, runs_root=runs) == smoke
+    assert new.is_dir()
+
+
+def test_the_shipped_encoder_comes_before_training(tmp_path, capsys):
+    shipped = fake_run(tmp_path / "runs" / "pretrained-cifar10-r18")
+    assert ensure_trained_run(None, tmp_path, runs_root=tmp_path / "runs") == shipped
+    assert "shipped pretrained encoder" in capsys.readouterr().out
+
+
+def test_a_fresh_colab_clones_installs_and_imports_the_package(tmp_path):
+    """A fresh Colab: an empty working folder, a stub google.colab, SIMCLR_REPO_URL at a local clone and the
+    package not installed (site-packages without their .pth files, so the editable install is invisible)."""
+    import json
+    import site
+    import subprocess
+    import sys
+
+    clone = tmp_path / "published"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True)
+    stubs = tmp_path / "stubs"
+    (stubs / "google" / "colab").mkdir(parents=True)
+    (stubs / "google" / "__init__.py").write_text("")
+    (stubs / "google" / "colab" / "__init__.py").write_text("")
+    (stubs / "pip").mkdir()  # records the install instead of changing this environment
+    (stubs / "pip" / "__init__.py").write_text("")
+    (stubs / "pip" / "__main__.py").write_text(
+        f"import sys\nopen({str(tmp_path / 'pip-args')!r}, 'w').write(' '.join(sys.argv[1:]))\n")
+    first_code = next(c for c in json.loads((ROOT / "notebooks" / "03_loss.ipynb").read_text())["cells"]
+                      if c["cell_type"] == "code")
+    script = "import google.colab\n" + "".join(first_code["source"]) + \
+        "\nimport simclr_lib, simclr_lib.loss\nprint('imported', simclr_lib.__file__)\n"
+    content = tmp_path / "content"
+    content.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "SIMCLR_REPO_URL": str(clone),
+           "PYTHONPATH": os.pathsep.join([str(stubs), *site.getsitepackages()])}
+    proc = subprocess.run([sys.executable, "-S", "-c", script], cwd=content, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"imported {content / 'published' / 'simclr_lib' / '__init__.py'}" in proc.stdout
+    assert (tmp_path / "pip-args").read_text() == f"install --quiet -e {content / 'published'}"
+    # Without Colab and without the package, the cell says what to do instead of failing somewhere later.
+    plain = subprocess.run([sys.executable, "-S", "-c", "".join(first_code["source"])], cwd=tmp_path / "stubs",
+                           env={**env, "PYTHONPATH": os.pathsep.join(site.getsitepackages())}, capture_output=True,
+                           text=True, timeout=300)
+    assert plain.returncode != 0 and "make lab" in plain.stderr
+
+
+def test_exercise_verdicts(capsys):
+    from simclr_lib.notebook import exercise
+
+    def check(fn):
+        assert fn(2) == 4, "square 2 to get 4"
+
+    def todo(x):
+        raise NotImplementedError
+
+    assert exercise("E1", lambda x: x * x, lambda x: x * x, check, smoke=True)
+    assert not exercise("E1", todo, lambda x: x * x, check)
+    assert not exercise("E1", lambda x: x + 1, lambda x: x * x, check)
+    out = capsys.readouterr().out
+    assert "E1: correct." in out and "not attempted yet" in out and "not yet. square 2 to get 4" in out
+    with pytest.raises(AssertionError):  # CI: a wrong solution fails the notebook
+        exercise("E1", todo, lambda x: x, check, smoke=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = args.out or Path(tempfile.mkdtemp(prefix="executed-notebooks-"))
     out_dir.mkdir(parents=True, exist_ok=True)
     failures, timings = [], {}
+    os.environ["SIMCLR_HEADLESS"] = "1"  # the kernels inherit it: no widget explorer without a browser (see 01)
     for path in args.paths or notebooks():
         path = path.resolve()
         problems = static_problems(path)

@@ -191,9 +191,8 @@ class SimCLRAugment(torch.nn.Module):
                 raise ValueError(f"{name} must be in [0, 1], got {p}")
         self.image_size, self.color_strength = int(image_size), float(color_strength)
         self.flip_prob, self.color_prob, self.gray_prob, self.blur_prob = map(float, probs.values())
-        self.crop_scale = (float(crop_scale[0]), float(crop_scale[1]))
-        self.crop_ratio = (float(crop_ratio[0]), float(crop_ratio[1]))
-        self.blur_sigma = (float(blur_sigma[0]), float(blur_sigma[1]))
+        pairs = (crop_scale, crop_ratio, blur_sigma)
+        self.crop_scale, self.crop_ratio, self.blur_sigma = ((float(low), float(high)) for low, high in pairs)
         # Buffers follow `.to(device)`, so normalising never copies host memory to the device.
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
@@ -317,15 +316,10 @@ def reference_view(image: Tensor, params: ViewParams, index: int, augment: SimCL
     return TF.normalize(x, augment.mean.flatten().tolist(), augment.std.flatten().tolist())
 
 
-def pil_pipeline(image_size: int = 32, color_strength: float = 0.5, blur_prob: float = 0.0,
-                 mean: Sequence[float] = CIFAR10_MEAN, std: Sequence[float] = CIFAR10_STD,
-                 crop_scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
-    """The classic per-image PIL pipeline of the popular SimCLR repos; torchvision draws its parameters."""
+def pil_pipeline(image_size: int = 32, color_strength: float = 0.5, mean: Sequence[float] = CIFAR10_MEAN,
+                 std: Sequence[float] = CIFAR10_STD, crop_scale: tuple[float, float] = (0.08, 1.0)) -> T.Compose:
+    """The popular SimCLR repos' classic per-image PIL pipeline (CIFAR: no blur); torchvision draws its parameters."""
     s = color_strength
-    steps: list = [T.RandomResizedCrop(image_size, scale=crop_scale), T.RandomHorizontalFlip(),
-                   T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8), T.RandomGrayscale(p=0.2)]
-    if blur_prob > 0:
-        kernel_size = SimCLRAugment(image_size=image_size).blur_kernel_size
-        steps.append(T.RandomApply([T.GaussianBlur(kernel_size, sigma=(0.1, 2.0))], p=blur_prob))
-    steps += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(steps)
+    return T.Compose([T.RandomResizedCrop(image_size, scale=crop_scale), T.RandomHorizontalFlip(),
+                      T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=0.8),
+                      T.RandomGrayscale(p=0.2), T.ToTensor(), T.Normalize(mean, std)])

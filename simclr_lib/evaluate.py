@@ -30,10 +30,9 @@ FINETUNE_CROP = (0.2, 1.0)
 @torch.no_grad()
 def extract_features(model: SimCLR, images: torch.Tensor, batch_size: int = 512,
                      device: torch.device | str | None = None, precision: str = "fp32") -> torch.Tensor:
-    """Representations h (N, feature_dim), float32 on `device`, of uint8 images, with the encoder in eval mode,
-    computed in fp32 unless `precision` says otherwise (the kNN monitor may use the training precision).
-    Eval mode matters: in train mode BatchNorm would use (and update its running statistics with) the evaluation
-    batches, which leaks test data into the network and changes the numbers."""
+    """Representations h (N, feature_dim), float32 on `device`, of uint8 images, in fp32 unless `precision` says
+    otherwise (the kNN monitor may use the training precision). The encoder runs in eval mode: in train mode BatchNorm
+    would use (and update its running statistics with) the evaluation batches, leaking test data into the numbers."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -124,15 +123,13 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
         if len(values) and not (0 <= values.min() and values.max() < num_classes):
             raise ValueError(f"{name} must lie in 0..{num_classes - 1}, got {values.min()}..{values.max()}")
     # One bincount over the pair index true * C + predicted fills every cell at once.
-    counts = torch.bincount(labels * num_classes + predictions, minlength=num_classes * num_classes)
-    return counts.view(num_classes, num_classes)
+    return torch.bincount(labels * num_classes + predictions, minlength=num_classes**2).view(num_classes, num_classes)
 
 
 def per_class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[float]:
     """Top-1 accuracy in percent of each class (NaN for a class with no examples in `labels`)."""
     confusion = confusion_matrix(predictions, labels, num_classes).double()
-    per_class = 100.0 * confusion.diagonal() / confusion.sum(dim=1)  # 0 / 0 gives NaN: no examples, no accuracy
-    return per_class.tolist()
+    return (100.0 * confusion.diagonal() / confusion.sum(dim=1)).tolist()  # 0 / 0 is NaN: no examples, no accuracy
 
 
 def label_fraction_indices(labels: torch.Tensor, percent: float, seed: int = 0) -> torch.Tensor:
@@ -141,9 +138,8 @@ def label_fraction_indices(labels: torch.Tensor, percent: float, seed: int = 0) 
         raise UserError("a label fraction needs a labelled set, but some labels are -1 (unlabelled)")
     if not 0 < percent <= 100:
         raise UserError(f"the label fraction must be in (0, 100] percent, got {percent}")
-    num_classes = len(labels.unique())
     # The paper's 1 % / 10 % subsets; a tiny fraction of a small set still gets one image per class.
-    n = min(len(labels), max(round(len(labels) * percent / 100), num_classes))
+    n = min(len(labels), max(round(len(labels) * percent / 100), len(labels.unique())))
     return balanced_indices(labels, n, seed)
 
 
@@ -162,9 +158,7 @@ def _predict(network: nn.Module, images: torch.Tensor, mean: Sequence[float], st
 
 def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, test: ImageData, num_classes: int,
                      mean: Sequence[float], std: Sequence[float], epochs: int = 30, batch_size: int = 256,
-                     lr: float = 0.05, weight_decay: float = FINETUNE_WEIGHT_DECAY,
-                     crop_scale: tuple[float, float] = FINETUNE_CROP,
-                     device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
+                     lr: float = 0.05, device: torch.device | str = "cpu", seed: int = 0, progress: bool = False,
                      desc: str = "fine-tune", precision: str = "auto", min_steps: int = 0) -> dict[str, Any]:
     """Train a copy of `encoder` + a new linear head end to end on `train` (crop + flip; SGD + Nesterov, cosine, no
     weight decay on BatchNorm and biases) for `epochs` or at least `min_steps`, then test once on all of `test`:
@@ -185,17 +179,16 @@ def train_classifier(encoder: nn.Module, feature_dim: int, train: ImageData, tes
     steps_per_epoch = n // batch_size + (1 if n % batch_size >= 2 else 0)
     epochs = max(epochs, math.ceil(min_steps / steps_per_epoch))
     total_steps = epochs * steps_per_epoch
-    optimizer = torch.optim.SGD(param_groups(network, weight_decay), lr=lr, momentum=0.9, nesterov=True)
+    optimizer = torch.optim.SGD(param_groups(network, FINETUNE_WEIGHT_DECAY), lr=lr, momentum=0.9, nesterov=True)
     schedule = WarmupCosineSchedule(optimizer, total_steps, warmup_steps=0)
     scaler = torch.amp.GradScaler(device.type, enabled=resolve_precision(precision, device) == "fp16")
-    augment = SimCLRAugment(image_size=train.image_size, crop_scale=crop_scale, color_prob=0.0, gray_prob=0.0,
+    augment = SimCLRAugment(image_size=train.image_size, crop_scale=FINETUNE_CROP, color_prob=0.0, gray_prob=0.0,
                             blur_prob=0.0, mean=tuple(mean), std=tuple(std)).to(device)
 
     # The labelled set is small: keep it on the device as uint8 and augment there, batch by batch.
     images, labels = train.images.to(device), train.labels.to(device)
     generator = torch.Generator(device=device)
     epochs_iter = tqdm(range(epochs), desc=desc, leave=False, disable=not progress)
-    loss_sum = torch.zeros((), device=device)
     for epoch in epochs_iter:
         network.train()
         generator.manual_seed(step_seed(seed, epoch, -1))

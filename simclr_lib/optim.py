@@ -69,15 +69,13 @@ class LARS(torch.optim.Optimizer):
                 if group["clip"]:  # the group's lr is a float: no host sync
                     trust = torch.clamp(trust / max(group["lr"], 1e-12), max=1.0)
                 grads = torch._foreach_mul(grads, list(trust.unbind()))
-            old = [i for i, p in enumerate(params) if "momentum_buffer" in self.state[p]]
-            if old:
-                buffers = [self.state[params[i]]["momentum_buffer"] for i in old]
-                torch._foreach_mul_(buffers, group["momentum"])
-                torch._foreach_add_(buffers, [grads[i] for i in old])
-            for p, g in zip(params, grads):
-                if "momentum_buffer" not in self.state[p]:  # the first step's buffer is the update itself
-                    self.state[p]["momentum_buffer"] = torch.clone(g).detach()
-            torch._foreach_add_(params, [self.state[p]["momentum_buffer"] for p in params], alpha=-group["lr"])
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:  # from zero: the first step's buffer is the update itself
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(buffers, group["momentum"])
+            torch._foreach_add_(buffers, grads)
+            torch._foreach_add_(params, buffers, alpha=-group["lr"])
         return loss
 
 

@@ -87,11 +87,10 @@ def show_images(images: torch.Tensor, mean=None, std=None, nrow: int = 8, title:
     rows = (len(images) + nrow - 1) // nrow
     fig, axes = plt.subplots(rows, nrow, figsize=(1.3 * nrow, 1.3 * rows + (0.4 if title else 0)), squeeze=False)
     plt.setp(axes, xticks=[], yticks=[])
-    for i, ax in enumerate(axes.flat):
-        if i < len(images):
-            ax.imshow(_as_rgb(images[i]), interpolation="nearest")
-        else:
-            ax.axis("off")
+    for ax, image in zip(axes.flat, images):
+        ax.imshow(_as_rgb(image), interpolation="nearest")
+    for ax in axes.flat[len(images):]:  # the empty end of the last row
+        ax.axis("off")
     for r, label in enumerate((row_labels or [])[:rows]):
         axes[r, 0].set_ylabel(label, fontsize=9)
     if title:

@@ -89,10 +89,28 @@ def sha256_of(path: str | Path) -> str:
 def read_model_checkpoint(source: str | Path, sha256: str | None = None) -> tuple[Path, dict[str, Any]]:
     """The local path and the contents of a SimCLR checkpoint that `source` names (see `resolve_checkpoint`)."""
     path = resolve_checkpoint(source, sha256=sha256)
-    state = load_checkpoint(path)
-    if not isinstance(state, dict) or "arch" not in state or "model" not in state:
-        raise UserError(f"{path} is not a SimCLR checkpoint of this project (no 'arch'/'model' entries)")
-    return path, state
+    return path, _as_model_checkpoint(load_checkpoint(path), path)
+
+
+def _as_model_checkpoint(state: Any, path: Path) -> dict[str, Any]:
+    """A checkpoint of this project as it is; an encoder file of `simclr export` or a bare torchvision ResNet
+    state_dict as one whose "model" holds the encoder only ("encoder_only": the projection head stays new)."""
+    if isinstance(state, dict) and "arch" in state and "model" in state:
+        return state
+    exported = isinstance(state, dict) and isinstance(state.get("state_dict"), dict)
+    weights = state["state_dict"] if exported else state
+    if isinstance(weights, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
+        weights = {k.removeprefix("module."): v for k, v in weights.items()}  # saved from DataParallel/DDP
+    if not isinstance(weights, dict) or "conv1.weight" not in weights:
+        raise UserError(f"{path} is neither a checkpoint of this project, nor an exported encoder, nor a torchvision "
+                        "ResNet state_dict (no conv1.weight)")
+    conv1 = weights["conv1.weight"]
+    arch = dict(backbone="resnet50" if "layer1.0.conv3.weight" in weights else "resnet18",
+                cifar_stem=conv1.shape[-1] == 3, width=conv1.shape[0])
+    if exported:
+        arch |= dict(backbone=state["arch"], cifar_stem=state["cifar_stem"], mean=tuple(state["mean"]),
+                     std=tuple(state["std"]))
+    return {"arch": arch, "model": {f"encoder.{k}": v for k, v in weights.items()}, "encoder_only": True}
 
 
 def resolve_checkpoint(source: str | Path, runs_root: str | Path = "runs", sha256: str | None = None) -> Path:

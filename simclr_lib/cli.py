@@ -1,5 +1,5 @@
-"""Command line: `python run.py [flags]` / `simclr train [flags]` runs the main job; `evaluate`, `tsne` and
-`report` work on finished runs (`python run.py evaluate RUN_DIR` works too)."""
+"""Command line: `python run.py [flags]` / `simclr train [flags]` runs the main job; `evaluate`, `tsne`, `embed`,
+`export` and `report` work on finished runs (`python run.py evaluate RUN_DIR` works too)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,9 @@ from typing import Any
 
 from .config import FIELDS, PRESETS, RESUMABLE, TYPES, load_config, make_config, read_config_file
 from .errors import Interrupted, UserError
+
+SOURCE_HELP = ("a run folder; a .pt file: a checkpoint, an exported encoder or a torchvision ResNet state_dict; or an "
+               "http(s)/file URL of one")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -57,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
     train = sub.add_parser("train", help="pretrain, evaluate (kNN + linear probe) and summarise (the default)",
                            description=f"Pretrain -> evaluate -> figures -> summary. Presets: {'; '.join(PRESETS)}. "
-                           "Other commands: evaluate, tsne, report (see `simclr evaluate --help`).")
+                           "Other commands: evaluate, tsne, embed, export, report, bench (see `simclr embed --help`).")
     train.add_argument("--preset", default="quick", help="named recipe; every value can be overridden by a flag")
     train.add_argument("--out", default=None, help="run folder (default: runs/<preset>-<timestamp>)")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -70,6 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Evaluate a run folder, a checkpoint file or an http(s)/file URL of one "
                         "(downloaded once into runs/). Accuracies are on the full test set, last epoch.")
     _source_args(ev)
+    add_config_flags(ev, ("dataset", "eval_data", "image_size"))
     ev.add_argument("--label-fractions", default="1,10", metavar="PCTS",
                     help="percent of train labels for fine-tuning, comma-separated ('' for none; default 1,10)")
     ev.add_argument("--no-supervised", action="store_true", help="skip the supervised-from-scratch baseline")
@@ -77,7 +81,19 @@ def build_parser() -> argparse.ArgumentParser:
                           "eval_batch_size"))
     ts = sub.add_parser("tsne", help="t-SNE of test representations (trained vs random init) and a retrieval figure")
     _source_args(ts)
-    add_config_flags(ts, ("tsne_points",))
+    add_config_flags(ts, ("tsne_points", "dataset", "eval_data", "image_size"))
+    em = sub.add_parser("embed", help="representations h of a folder of images or a data set split, as a .npy file",
+                        description="Write the representation h (float32, N x D) of every image to OUT, with the "
+                        "file names (OUT.files.txt) or the data set's labels (OUT.labels.npy) beside it.")
+    _source_args(em)
+    em.add_argument("images", help="a folder or archive of images (any layout and size), or cifar10/cifar100/stl10")
+    em.add_argument("--out", required=True, help="the .npy file to write (never overwritten)")
+    em.add_argument("--split", choices=("train", "test"), default="test", help="the split of a named data set")
+    add_config_flags(em, ("image_size", "eval_batch_size", "skip_bad_images"))
+    ex = sub.add_parser("export", help="the encoder as a torchvision ResNet state_dict (with its normalisation)")
+    ex.add_argument("source", help=SOURCE_HELP)
+    ex.add_argument("--out", required=True, help="the .pt file to write (never overwritten)")
+    ex.add_argument("--sha256", default=None, help="expected SHA-256 of the checkpoint file")
     rp = sub.add_parser("report", help="a Markdown report comparing one or more runs")
     rp.add_argument("run_dirs", nargs="+", help="run folders")
     rp.add_argument("--out", default=None, help="report file (default: report.md in the first run folder)")
@@ -98,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _source_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("source", help="a run folder, a checkpoint .pt file, or an http(s)/file URL of one")
+    parser.add_argument("source", help=SOURCE_HELP)
     parser.add_argument("--sha256", default=None, help="expected SHA-256 of the checkpoint file")
     add_config_flags(parser, ("data_root", "device"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -154,6 +170,18 @@ def cmd_tsne(args: argparse.Namespace) -> None:
     tsne_job(args.source, args.sha256, _overrides(args))
 
 
+def cmd_embed(args: argparse.Namespace) -> None:
+    """Representations of a folder or data set, to a .npy file."""
+    from .jobs import embed_job
+    embed_job(args.source, args.images, args.out, args.split, args.sha256, _overrides(args), not args.no_progress)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    """The encoder as a torchvision state_dict file."""
+    from .jobs import export_job
+    export_job(args.source, args.out, args.sha256)
+
+
 def cmd_report(args: argparse.Namespace) -> None:
     """Markdown report of one or several runs."""
     from .report import write_report
@@ -178,8 +206,8 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
-HANDLERS = {"train": cmd_train, "evaluate": cmd_evaluate, "eval": cmd_evaluate, "tsne": cmd_tsne, "report": cmd_report,
-            "bench": cmd_bench}
+HANDLERS = {"train": cmd_train, "evaluate": cmd_evaluate, "eval": cmd_evaluate, "tsne": cmd_tsne, "embed": cmd_embed,
+            "export": cmd_export, "report": cmd_report, "bench": cmd_bench}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -40,9 +40,13 @@ class Config:
     dataset: str = _f("cifar10", "cifar10, cifar100, stl10 or folder", choices=DATASETS)
     data_root: str = _f("data", "where data sets are looked for (and downloaded to)")
     download: bool = _f(True, "allow a torchvision download when the data is not on disk")
-    image_size: int | None = _f(None, "side of the square views (default: the data set's image size)", **_at_least(8))
-    train_subset: int | None = _f(None, "pretrain on a class-balanced subset of this many images", **_at_least(2))
+    image_size: int | None = _f(None, "side of the square images and views (default: the data set's; a folder of "
+                                      "mixed sizes: 64)", **_at_least(8))
+    train_subset: int | None = _f(None, "pretrain on a class-balanced subset of at most this many images",
+                                  **_at_least(2))
     skip_bad_images: bool = _f(False, "skip (and count) unreadable images in a folder data set instead of stopping")
+    eval_data: str | None = _f(None, "labelled images to evaluate on instead of the pretraining set (needed when it "
+                                     "has no labels): a folder of train/<class>/<image>, or cifar10/cifar100/stl10")
     # model
     backbone: str = _f("resnet18", "resnet18 or resnet50", choices=BACKBONES)
     width: int = _f(64, "channels of the first ResNet stage (64 = the standard network)", **_at_least(1))
@@ -141,9 +145,11 @@ TYPES: dict[str, Any] = get_type_hints(Config)
 # What may differ when resuming: where and how fast it runs, not what it computes (time_budget only acts at the start).
 RESUMABLE = ("device", "log_every", "knn_every", "eval_batch_size", "probe_epochs", "workers", "data_placement",
              "time_budget", "compile", "keep")
-# What evaluating a trained model may change: where the data is, how it runs, and the evaluation's own settings.
-EVAL_SETTINGS = ("data_root", "device", "download", "eval_batch_size", "probe_epochs", "finetune_epochs",
-                 "finetune_lr", "finetune_batch_size", "finetune_min_steps", "tsne_points", "skip_bad_images")
+# What evaluating a trained model may change: which data (another data set: a transfer evaluation) and where it is,
+# how it runs, and the evaluation's own settings.
+EVAL_SETTINGS = ("dataset", "image_size", "eval_data", "data_root", "device", "download", "eval_batch_size",
+                 "probe_epochs", "finetune_epochs", "finetune_lr", "finetune_batch_size", "finetune_min_steps",
+                 "tsne_points", "skip_bad_images")
 
 # The seed repository's recipe (the README's table) with its defects fixed: CIFAR stem, per-step cosine.
 _SEED_R50 = dict(backbone="resnet50", epochs=400, optimizer="adam", lr=3e-4, lr_scaling="none", weight_decay=1e-6,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -15,10 +16,11 @@ import torch.nn.functional as F
 
 from . import distributed, evaluate
 from .checkpoints import CHECKPOINT, read_model_checkpoint
-from .config import EVAL_SETTINGS, Config, make_config, upgrade
-from .data import DatasetSplits, ImageData, balanced_indices, balanced_subset, load_splits
+from .config import DATASETS, EVAL_SETTINGS, Config, make_config, upgrade
+from .data import DatasetSplits, balanced_indices, balanced_subset, load_splits
 from .errors import UserError
-from .models import SimCLR, build_model, load_model_state
+from .images import ImageData, ImageFiles, read_images
+from .models import SimCLR, build_model, export_encoder, load_model_state
 from .report import fresh_path, write_report
 from .runtime import device_description, on_device, resolve_device
 from .train import check_pretraining_data, pretrain, read_metrics
@@ -31,17 +33,37 @@ def new_run_dir(out: str | Path | None, preset: str, runs_root: str | Path = "ru
     return path
 
 
-def load_data(config: Config) -> tuple[DatasetSplits, ImageData]:
-    """The data set's splits and the (possibly class-balanced subset of the) pretraining images."""
-    splits = load_splits(config.dataset, config.data_root, config.image_size, config.download, config.skip_bad_images)
+def load_data(config: Config) -> tuple[DatasetSplits, ImageData | ImageFiles]:
+    """The data set's splits (evaluated on --eval-data when given) and the (possibly class-balanced subset of the)
+    pretraining images."""
+    splits = load_splits(config.dataset, config.data_root, config.image_size, config.download, config.skip_bad_images,
+                         stream=config.data_placement == "stream")
+    if config.eval_data is not None:
+        other = evaluation_splits(config.replace(image_size=splits.image_size))
+        splits = dataclasses.replace(splits, train=other.train, test=other.test,
+                                     source=f"{splits.source}; evaluated on {other.source}")
     data = splits.pretrain
-    if config.train_subset is not None:
-        if config.train_subset > len(data):
-            raise UserError(f"train_subset {config.train_subset} is larger than the {len(data)} pretraining "
-                            "images: lower it, or pass --train-subset none to use them all")
+    if config.train_subset is not None and config.train_subset < len(data):  # a smaller set is used whole
         data = balanced_subset(data, config.train_subset, config.seed)
     check_pretraining_data(len(data), config, distributed.current().world_size)
     return splits, data
+
+
+def evaluation_splits(config: Config) -> DatasetSplits:
+    """The labelled data a model is evaluated on: config.eval_data when set, else the data set it was trained on."""
+    name, root = config.dataset, config.data_root
+    if config.eval_data is not None:
+        key = config.eval_data.lower().replace("-", "").replace("_", "")
+        name, root = (key, root) if key in DATASETS[:-1] and not Path(config.eval_data).exists() else \
+            ("folder", config.eval_data)
+    no_labels = UserError(f"{root} has no labels to evaluate with: pass --eval-data with a folder of "
+                          "train/<class>/<image> (test/ optional) or a data set name such as cifar10")
+    if name == "folder" and Path(root).is_dir() and not (Path(root) / "train").is_dir():
+        raise no_labels  # said before the images are decoded
+    splits = load_splits(name, root, config.image_size, config.download, config.skip_bad_images)
+    if not splits.labelled:
+        raise no_labels
+    return splits
 
 
 def random_init_model(config: Config, splits: DatasetSplits, device: torch.device) -> SimCLR:
@@ -90,7 +112,7 @@ def run(config: Config, out: str | Path | None = None, resume: bool = False, pro
     info = distributed.init_from_env(config.device)
     try:
         t_start = time.perf_counter()
-        run_dir, splits, data = _prepare_run(config, out, resume, info)
+        run_dir, splits, data, config = _prepare_run(config, out, resume, info)
         t0 = time.perf_counter()
         model, config = pretrain(config, splits, data, run_dir, resume=resume, progress=progress and info.is_main)
         if not info.is_main:
@@ -104,7 +126,7 @@ def run(config: Config, out: str | Path | None = None, resume: bool = False, pro
 
 
 def _prepare_run(config: Config, out: str | Path | None, resume: bool,
-                 info: distributed.DistInfo) -> tuple[Path, DatasetSplits, ImageData]:
+                 info: distributed.DistInfo) -> tuple[Path, DatasetSplits, ImageData | ImageFiles, Config]:
     """Check the run folder, load the data (before making the folder: a mistake leaves nothing behind), make it."""
     if resume and (out is None or not (Path(out) / CHECKPOINT).is_file()):
         raise UserError(f"--resume needs --out pointing at a run folder with {CHECKPOINT}; {out} has none")
@@ -112,6 +134,8 @@ def _prepare_run(config: Config, out: str | Path | None, resume: bool,
         raise UserError(f"{out} already exists: pass --resume to continue that run, or choose another --out")
     distributed.barrier()  # every rank has checked before rank 0 creates anything
     splits, data = load_data(config)
+    if config.dataset == "folder" and config.image_size is None:  # the size chosen for the images is the recipe's
+        config = config.replace(image_size=splits.image_size)
     run_dir = Path(out) if resume else None
     if not resume and info.is_main:
         run_dir = new_run_dir(out, config.preset)
@@ -122,40 +146,52 @@ def _prepare_run(config: Config, out: str | Path | None, resume: bool,
         print(f"run folder: {run_dir}  |  device: {device_description(resolve_device(config.device))}{processes}")
         print(f"data: {splits.name} from {splits.source}: {len(data)} pretraining images, "
               f"{len(splits.train)} train / {len(splits.test)} test for evaluation")
-    return run_dir, splits, data
+    return run_dir, splits, data, config
 
 
 def _finish_run(model: SimCLR, config: Config, splits: DatasetSplits, n_pretrain: int, run_dir: Path,
                 progress: bool, timing: dict[str, float]) -> dict[str, Any]:
     """Evaluate trained vs random init, draw the figures, write summary.json, eval.json and report.md."""
     from . import viz  # matplotlib is only imported when figures are drawn
-    device = resolve_device(config.device)
+    device, figures = resolve_device(config.device), run_dir / "figures"
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    viz.save_figure(viz.plot_training_curves(metrics), fresh_path(figures / "training_curves.png"))
+    if not splits.labelled:
+        print(f"no labelled images: evaluation skipped; evaluate later with `simclr evaluate {run_dir} --eval-data "
+              "DIR` (DIR holding train/<class>/<image>) or `--eval-data cifar10`")
+        keys = ("knn_top1", "linear_top1", "random_init_knn_top1", "random_init_linear_top1", "linear_train_top1")
+        return _write_summary(config, n_pretrain, run_dir, device, metrics, timing,
+                              {**dict.fromkeys(keys), "protocol": "not evaluated (no labelled images)"})
     print("evaluating the trained encoder and the same network at random initialisation ...")
     trained = evaluate_model(model, splits, config, device, progress)
     baseline = random_init_model(config, splits, device)
     random_init = evaluate_model(baseline, splits, config, device, progress)
-    figures = run_dir / "figures"
-    metrics = read_metrics(run_dir / "metrics.jsonl")
-    viz.save_figure(viz.plot_training_curves(metrics), fresh_path(figures / "training_curves.png"))
     viz.save_figure(viz.plot_confusion_matrix(trained["linear"]["confusion"], splits.test.classes),
                     fresh_path(figures / "confusion_matrix.png"))
     print(f"drawing t-SNE ({config.tsne_points} test images) and nearest-neighbour retrieval ...")
     representation_figures(model, baseline, splits, config, device, figures, trained.pop("train_features"))
     protocol = "; ".join(f"{k}: {v}" for k, v in evaluate.protocols(config, splits).items() if k != "finetune")
+    summary = _write_summary(config, n_pretrain, run_dir, device, metrics, timing, {
+        "knn_top1": trained["knn_top1"], "linear_top1": trained["linear_top1"],
+        "random_init_knn_top1": random_init["knn_top1"], "random_init_linear_top1": random_init["linear_top1"],
+        "linear_train_top1": trained["linear_train_top1"], "protocol": protocol})
+    write_json(run_dir / "eval.json", eval_record(trained, random_init, splits, config, summary["device"]))
+    report = write_report([run_dir])
+    print(f"  report: {report}  (simclr evaluate {run_dir} adds label-fraction fine-tuning vs supervised)")
+    return summary
+
+
+def _write_summary(config: Config, n_pretrain: int, run_dir: Path, device: torch.device, metrics: list[dict],
+                   timing: dict[str, float], accuracies: dict[str, Any]) -> dict[str, Any]:
+    """summary.json (the recipe, hardware, accuracies and times), printed as a short table."""
     summary = {"preset": config.preset, "dataset": config.dataset, "backbone": config.backbone, "width": config.width,
                "epochs": config.epochs, "batch_size": config.batch_size, "optimizer": config.optimizer,
                "temperature": config.temperature, "pretrain_images": n_pretrain, "device": device_description(device),
-               "knn_top1": trained["knn_top1"], "linear_top1": trained["linear_top1"],
-               "random_init_knn_top1": random_init["knn_top1"], "random_init_linear_top1": random_init["linear_top1"],
-               "linear_train_top1": trained["linear_train_top1"], "protocol": protocol,
-               "pretrain_seconds": sum(r["seconds"] for r in metrics if r.get("kind") == "epoch"),
+               **accuracies, "pretrain_seconds": sum(r["seconds"] for r in metrics if r.get("kind") == "epoch"),
                "pretrain_wall_seconds_this_session": timing["pretrain_wall_seconds_this_session"],
                "total_seconds": time.perf_counter() - timing["t_start"], "run_dir": str(run_dir)}
     write_json(run_dir / "summary.json", summary)
-    write_json(run_dir / "eval.json", eval_record(trained, random_init, splits, config, summary["device"]))
-    report = write_report([run_dir])
     print(format_summary(summary))
-    print(f"  report: {report}  (simclr evaluate {run_dir} adds label-fraction fine-tuning vs supervised)")
     return summary
 
 
@@ -166,10 +202,10 @@ def _columns(rows: list[tuple[str, ...]], width: int = 18) -> list[str]:
 
 def format_summary(summary: dict[str, Any]) -> str:
     """The short table `python run.py` prints at the end."""
-    table = _columns([("", "trained", "random init"),
-                      ("kNN top-1 (%)", f"{summary['knn_top1']:.2f}", f"{summary['random_init_knn_top1']:.2f}"),
-                      ("linear top-1 (%)", f"{summary['linear_top1']:.2f}",
-                       f"{summary['random_init_linear_top1']:.2f}")])
+    table = ["  not evaluated: no labelled images"] if summary["knn_top1"] is None else _columns([
+        ("", "trained", "random init"),
+        ("kNN top-1 (%)", f"{summary['knn_top1']:.2f}", f"{summary['random_init_knn_top1']:.2f}"),
+        ("linear top-1 (%)", f"{summary['linear_top1']:.2f}", f"{summary['random_init_linear_top1']:.2f}")])
     return "\n".join([f"\n{summary['preset']}: {summary['backbone']} (width {summary['width']}), {summary['epochs']} "
                       f"epochs, batch {summary['batch_size']}, {summary['optimizer']}, T={summary['temperature']}, "
                       f"on {summary['device']}", *table,
@@ -177,21 +213,30 @@ def format_summary(summary: dict[str, Any]) -> str:
                       f"  results in {summary['run_dir']}/ (summary.json, metrics.jsonl, checkpoint.pt, figures/)"])
 
 
-def load_trained(source: str | Path, sha256: str | None = None,
-                 overrides: dict[str, Any] | None = None) -> tuple[SimCLR, Config, Path, DatasetSplits]:
-    """The trained model, its config (with `overrides` of EVAL_SETTINGS), the folder for results, and its data."""
+def load_model(source: str | Path, sha256: str | None = None,
+               overrides: dict[str, Any] | None = None) -> tuple[SimCLR, Config, Path]:
+    """The trained model (on its device), its config (with `overrides` of EVAL_SETTINGS) and the folder for results.
+    Another --dataset means a transfer evaluation: that data set at its own image size, not the run's --eval-data."""
     path, state = read_model_checkpoint(source, sha256)
     model = SimCLR(**state["arch"])
-    load_model_state(model, state["model"], source=str(path))
+    load_model_state(model, state["model"], str(path), state.get("encoder_only", False))
     arch = upgrade({k: v for k, v in state["arch"].items() if k not in ("mean", "std")})  # the config's model keys
     # Weights without a recipe are evaluated on CIFAR-10 with their architecture.
     config = Config(**upgrade(state["config"])) if "config" in state else make_config("quick", **arch)
     changed = {k: v for k, v in (overrides or {}).items() if v is not None}
     if fixed := sorted(set(changed) - set(EVAL_SETTINGS)):
         raise UserError(f"{fixed[0]} cannot be changed when evaluating a trained model")
+    if changed.get("dataset", config.dataset) != config.dataset:
+        changed = {"eval_data": None, "image_size": None, **changed}
     config = config.replace(**changed)
-    splits = load_splits(config.dataset, config.data_root, config.image_size, config.download, config.skip_bad_images)
-    return on_device(model, resolve_device(config.device)), config, path.parent, splits
+    return on_device(model, resolve_device(config.device)), config, path.parent
+
+
+def load_trained(source: str | Path, sha256: str | None = None,
+                 overrides: dict[str, Any] | None = None) -> tuple[SimCLR, Config, Path, DatasetSplits]:
+    """`load_model`, and the labelled data it is evaluated on (see `evaluation_splits`)."""
+    model, config, out_dir = load_model(source, sha256, overrides)
+    return model, config, out_dir, evaluation_splits(config)
 
 
 def label_fraction_results(model: SimCLR, splits: DatasetSplits, config: Config, device: torch.device,
@@ -224,11 +269,15 @@ def evaluate_job(source: str | Path, fractions: list[float], supervised: bool = 
     t0 = time.perf_counter()
     model, config, out_dir, splits = load_trained(source, sha256, overrides)
     device = resolve_device(config.device)
-    print(f"evaluating {out_dir} on {device_description(device)}: kNN and linear probe, trained vs random init ...")
+    # --dataset asks for a transfer evaluation, written beside the run's own evaluation, never over it.
+    transfer = (overrides or {}).get("dataset") is not None
+    name = f"transfer-{Path(config.data_root).name if config.dataset == 'folder' else config.dataset}"
+    print(f"evaluating {out_dir} on {device_description(device)}: kNN and linear probe, trained vs random init"
+          f"{f', on {splits.source} (transfer)' if transfer else ''} ...")
     trained = evaluate_model(model, splits, config, device, progress)
     random_init = evaluate_model(random_init_model(config, splits, device), splits, config, device, progress)
     extra = label_fraction_results(model, splits, config, device, fractions, supervised, progress)
-    figures = out_dir / "figures"
+    figures = out_dir / "figures" / (name if transfer else "")
     written = [viz.save_figure(viz.plot_confusion_matrix(trained["linear"]["confusion"], splits.test.classes),
                                fresh_path(figures / "confusion_matrix.png"))]
     if fractions:
@@ -239,10 +288,10 @@ def evaluate_job(source: str | Path, fractions: list[float], supervised: bool = 
         written.append(viz.save_figure(figure, fresh_path(figures / "label_fractions.png")))
     result = eval_record(trained, random_init, splits, config, device_description(device),
                          {**extra, "seconds": time.perf_counter() - t0})
-    path = write_json(out_dir / "eval.json", result)
-    report = write_report([out_dir])
+    path = write_json(out_dir / (f"{name}.json" if transfer else "eval.json"), result)
+    report = [] if transfer else [write_report([out_dir])]
     print(format_eval(result))
-    print(f"  wrote {path}, {', '.join(str(p) for p in written)} and {report}")
+    print(f"  wrote {', '.join(str(p) for p in [path, *written, *report])}")
     return result
 
 
@@ -294,3 +343,54 @@ def format_eval(result: dict[str, Any]) -> str:
         rows.append((f"fine-tune, {key} % labels (%)", f"{ft['top1']:.2f}",
                      *((f"{sup['top1']:.2f}", "(supervised from scratch)") if sup else ("",))))
     return "\n".join(["", *_columns(rows, 28)])
+
+
+def embed_job(source: str | Path, images: str, out: str | Path, split: str = "test", sha256: str | None = None,
+              overrides: dict[str, Any] | None = None, progress: bool = True) -> Path:
+    """`simclr embed`: the representations h (float32, N x D .npy) of every image in a folder or archive, with their
+    names in <out>.files.txt, or of a named data set's split, with its labels in <out>.labels.npy."""
+    import numpy as np
+    from tqdm.auto import tqdm
+    model, config, _ = load_model(source, sha256, overrides)
+    out = Path(out).with_suffix(".npy")
+    key = images.lower().replace("-", "").replace("_", "")
+    named = key in DATASETS[:-1] and not Path(images).exists()
+    beside = out.with_suffix(".labels.npy" if named else ".files.txt")
+    if taken := [str(p) for p in (out, beside) if p.exists()]:
+        raise UserError(f"{taken[0]} already exists: choose another --out")
+    if named:
+        data = getattr(load_splits(key, config.data_root, overrides and overrides.get("image_size"), config.download),
+                       split)
+        pixels, names = data.images, None
+    else:  # the size the model was trained at: its own folder's, else CIFAR's 32 or STL-10's 96
+        size = config.image_size or (96 if config.dataset == "stl10" else 32)
+        pixels, names = read_images(images, size, config.skip_bad_images)
+    device, step = resolve_device(config.device), 16 * config.eval_batch_size
+    features = torch.cat([evaluate.extract_features(model, pixels[i:i + step], config.eval_batch_size, device).cpu()
+                          for i in tqdm(range(0, len(pixels), step), desc="embed", unit="chunk", disable=not progress)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.save(out, features.numpy().astype(np.float32))
+    if named:
+        np.save(beside, data.labels.numpy())
+    else:
+        beside.write_text("".join(f"{name}\n" for name in names))
+    print(f"wrote {out} ({len(features)} x {features.shape[1]} float32) and {beside}")
+    return out
+
+
+def export_job(source: str | Path, out: str | Path, sha256: str | None = None) -> Path:
+    """`simclr export`: the encoder as a torchvision ResNet state_dict with its normalisation (see README)."""
+    out = Path(out)
+    if out.exists():
+        raise UserError(f"{out} already exists: choose another --out")
+    model = SimCLR.from_checkpoint(source, sha256)
+    blob = export_encoder(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(blob, out)
+    stem = "CIFAR stem" if blob["cifar_stem"] else "ImageNet stem"
+    print(f"wrote {out}: {blob['arch']} encoder ({stem}, width {blob['width']}, {model.feature_dim}-d features), "
+          f"input (x / 255 - mean) / std with mean {blob['mean']}, std {blob['std']}")
+    if blob["width"] != 64:
+        print(f"  width {blob['width']}: torchvision's {blob['arch']}() has width 64; build this one with "
+              f"simclr_lib.models.resnet_encoder('{blob['arch']}', {blob['cifar_stem']}, {blob['width']})")
+    return out

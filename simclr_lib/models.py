@@ -107,20 +107,35 @@ class SimCLR(nn.Module):
         """Rebuild a trained model from a run folder, a checkpoint file or an http(s)/file URL of one (on the CPU)."""
         path, state = read_model_checkpoint(source, sha256)
         model = cls(**state["arch"])
-        load_model_state(model, state["model"], source=str(path))
+        load_model_state(model, state["model"], str(path), state.get("encoder_only", False))
         return model
 
 
-def load_model_state(model: nn.Module, state: dict, source: str) -> None:
-    """Load weights, turning a shape mismatch (other backbone, width or head) into one clear error."""
-    own = model.state_dict()
+def load_model_state(model: nn.Module, state: dict, source: str, encoder_only: bool = False) -> None:
+    """Load weights, turning a shape mismatch (other backbone, width or head) or missing keys into one clear error;
+    `encoder_only`: weights of the encoder alone (an exported or torchvision file), unexpected keys named and left."""
+    own = {k: v for k, v in model.state_dict().items() if k.startswith("encoder.") or not encoder_only}
     bad = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
-    missing = sorted(set(own) - set(state))
-    if bad or missing:
-        what = f"shape mismatch at {bad[0]}" if bad else f"missing {missing[0]}"
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if bad or missing or unexpected and not encoder_only:
+        what = (f"shape mismatch at {bad[0]}" if bad else f"{len(missing)} missing keys, e.g. {missing[0]}" if missing
+                else f"unexpected keys, e.g. {unexpected[0]}")
         raise UserError(f"{source} does not fit this model ({what}): it was trained with another backbone, "
                         "width or head")
-    model.load_state_dict(state)
+    model.load_state_dict({k: state[k] for k in own}, strict=not encoder_only)
+    if encoder_only:
+        ignored = f"; ignored {len(unexpected)} unexpected keys: {', '.join(unexpected)}" if unexpected else ""
+        print(f"loaded the encoder of {source} (the projection head is newly initialised){ignored}")
+
+
+def export_encoder(model: SimCLR) -> dict:
+    """The contents of `simclr export`'s file: the encoder's weights under torchvision's ResNet key names (fp32), the
+    normalisation it expects (x / 255 - mean) / std, its architecture and whether it has the CIFAR stem."""
+    weights = {k: (v.float() if v.is_floating_point() else v).detach().cpu().contiguous()
+               for k, v in model.encoder.state_dict().items()}
+    return {"state_dict": weights, "mean": [float(v) for v in model.arch["mean"]],
+            "std": [float(v) for v in model.arch["std"]], "arch": model.arch["backbone"],
+            "cifar_stem": model.arch["cifar_stem"], "width": model.arch["width"]}
 
 
 def build_model(config: Config, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> SimCLR:

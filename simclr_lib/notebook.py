@@ -13,11 +13,11 @@ from .config import make_config
 from .runtime import device_description, resolve_device
 
 
-def project_root(start: str | Path | None = None) -> Path:
+def project_root() -> Path:
     """The project folder (pyproject.toml + simclr_lib/): the one this package was loaded from, as in a clone or
-    Colab whatever the working folder, else upwards from `start` or the cwd."""
-    here = Path(start or Path.cwd()).resolve()
-    for folder in (*([] if start else [Path(__file__).resolve().parents[1]]), here, *here.parents):
+    Colab whatever the working folder, else the nearest one upwards from the cwd."""
+    here = Path.cwd().resolve()
+    for folder in (Path(__file__).resolve().parents[1], here, *here.parents):
         if (folder / "pyproject.toml").is_file() and (folder / "simclr_lib").is_dir():
             return folder
     return here
@@ -44,10 +44,11 @@ SMOKE_OVERRIDES: dict[str, Any] = dict(train_subset=512, epochs=1, batch_size=12
 
 
 def finished_runs(runs_root: str | Path, prefix: str = "") -> list[Path]:
-    """Your run folders under `runs_root` (names starting with `prefix`; not the shipped encoder) that finished:
-    checkpoint.pt and summary.json, most recent first."""
+    """Your CIFAR-10 run folders under `runs_root` (names starting with `prefix`; not the shipped encoder) that
+    finished: checkpoint.pt and summary.json, most recent first (the notebooks study CIFAR-10)."""
     runs = [d for d in Path(runs_root).glob(f"{prefix}*") if (d / "checkpoint.pt").is_file()
-            and (d / "summary.json").is_file() and d.name != PRETRAINED]
+            and (d / "summary.json").is_file() and d.name != PRETRAINED
+            and json.loads((d / "summary.json").read_text()).get("dataset", "cifar10") == "cifar10"]
     return sorted(runs, key=lambda d: (d / "summary.json").stat().st_mtime, reverse=True)
 
 

@@ -4,6 +4,7 @@ metrics log, kNN monitor, full-state checkpoints and exact resume."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
 import signal
@@ -22,7 +23,7 @@ from . import distributed
 from .augment import SimCLRAugment
 from .checkpoints import CheckpointWriter, checkpoint_name, load_checkpoint, save_checkpoint
 from .config import Config
-from .data import DatasetSplits, ImageData
+from .data import DatasetSplits, ImageData, ImageFiles
 from .distributed import DistInfo
 from .errors import Interrupted, TrainingDiverged, UserError
 from .evaluate import extract_features, knn_accuracy
@@ -163,28 +164,36 @@ class BatchSource:
     ("device"), or gathered in DataLoader workers and copied from pinned memory ("stream"); both read the same
     seeded order. `batch_size` is the global batch; with several processes each rank gets its contiguous share."""
 
-    def __init__(self, data: ImageData, placement: str, batch_size: int, seed: int, device: torch.device,
+    def __init__(self, data: ImageData | ImageFiles, placement: str, batch_size: int, seed: int, device: torch.device,
                  workers: int = 4, dist: DistInfo | None = None) -> None:
         self.placement, self.batch_size, self.seed, self.device = placement, batch_size, seed, device
         self.workers, self.dist = workers, dist or DistInfo()
         self.local_batch = batch_size // self.dist.world_size
-        self.images = data.images.to(device) if placement == "device" else data.images
+        self.images = data.images.to(device) if placement == "device" else None
+        # Streamed: rows of an in-memory set, or image files that the workers decode (ImageFiles).
+        self.streamed = data if isinstance(data, ImageFiles) else _Rows(data.images)
         self.n = len(data)
         self.steps_per_epoch = self.n // batch_size  # the short last batch is dropped: every step is full
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[torch.Tensor]:
         """The batches of `epoch` from `start_step` on."""
-        order = epoch_order(self.seed, epoch, self.n).to(self.images.device)
+        order = epoch_order(self.seed, epoch, self.n).to(self.device if self.placement == "device" else "cpu")
         first = self.dist.rank * self.local_batch
         rows = (order[i * self.batch_size + first:i * self.batch_size + first + self.local_batch]
                 for i in range(start_step, self.steps_per_epoch))
         if self.placement == "device":
             yield from (self.images[idx] for idx in rows)
             return
-        loader = DataLoader(_Rows(self.images), batch_sampler=[idx.tolist() for idx in rows],
+        loader = DataLoader(self.streamed, batch_sampler=[idx.tolist() for idx in rows],
                             num_workers=self.workers, pin_memory=self.device.type == "cuda", collate_fn=_as_batch,
                             prefetch_factor=4 if self.workers else None)
-        yield from (batch.to(self.device, non_blocking=True) for batch in loader)
+        try:
+            yield from (batch.to(self.device, non_blocking=True) for batch in loader)
+        except UserError as exc:  # raised in a worker, DataLoader adds the worker's traceback: keep the last line
+            lines = str(exc).strip().splitlines()
+            if len(lines) > 1:
+                raise UserError(lines[-1].split("UserError: ", 1)[-1]) from None
+            raise
 
 
 def data_placement(config: Config, data: ImageData, device: torch.device) -> str:
@@ -271,34 +280,30 @@ class Pretraining:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         warmup_steps = min(warmup_steps, self.steps_per_epoch - 1)
         measured_steps = max(1, min(measured_steps, self.steps_per_epoch - warmup_steps))
-        for i, batch in enumerate(self.source.epoch(0)):
+        for i, batch in enumerate(itertools.islice(self.source.epoch(0), warmup_steps + measured_steps)):
             if i == warmup_steps:
                 sync()
                 t0 = time.perf_counter()
             self.generator.manual_seed(step_seed(config.seed, -1, i))  # calibration draws, not the run's
             step_fn(batch, self.generator)
-            if i + 1 == warmup_steps + measured_steps:
-                break
         sync()
-        fit = {"step_seconds": (time.perf_counter() - t0) / measured_steps, "measured_steps": measured_steps,
-               "monitor_seconds": 0.0, "checkpoint_seconds": 0.0}
-        once = 0.0
+        t1 = time.perf_counter()
+        monitor = checkpoint = 0.0
         if self.info.is_main:  # only rank 0 monitors and writes checkpoints
-            t1 = time.perf_counter()
             knn_monitor(self.model, self.splits, config, self.device)
-            # Every knn_every epochs; with knn_every 0 once, after the last epoch.
-            once = time.perf_counter() - t1
-            fit["monitor_seconds"], once = (once / config.knn_every, 0.0) if config.knn_every else (0.0, once)
-            t1 = time.perf_counter()
+            t2 = time.perf_counter()
             probe = self.checkpoints.path.with_name("checkpoint.pt.probe")
             save_checkpoint(probe, {"model": saved[0], "optimizer": saved[1]})
             probe.unlink()
-            fit["checkpoint_seconds"] = time.perf_counter() - t1
+            monitor, checkpoint = t2 - t1, time.perf_counter() - t2
         for part, state in zip(parts, saved):
             part.load_state_dict(state)
-        fit["epoch_seconds"] = self.steps_per_epoch * fit["step_seconds"] + fit["monitor_seconds"] + \
-            fit["checkpoint_seconds"]
-        fit["seconds_left"] = deadline - time.perf_counter() - once  # after building, loading and calibrating
+        # The monitor runs every knn_every epochs; with knn_every 0 once, after the last epoch: off the time left.
+        fit = {"step_seconds": (t1 - t0) / measured_steps, "measured_steps": measured_steps,
+               "monitor_seconds": monitor / config.knn_every if config.knn_every else 0.0,
+               "checkpoint_seconds": checkpoint}
+        fit["epoch_seconds"] = self.steps_per_epoch * fit["step_seconds"] + fit["monitor_seconds"] + checkpoint
+        fit["seconds_left"] = deadline - time.perf_counter() - (0.0 if config.knn_every else monitor)
         # 3 % headroom for the per-epoch bookkeeping and for jitter in the measured speed; every rank agrees.
         epochs = int(max(0.0, 0.97 * fit["seconds_left"]) // fit["epoch_seconds"])
         fit["epochs"] = distributed.min_over_ranks(max(1, min(config.epochs, epochs)), self.device)
@@ -326,13 +331,10 @@ class Pretraining:
         pbar = tqdm(total=self.config.epochs * self.steps_per_epoch, desc="pretrain", unit="step", dynamic_ncols=True,
                     initial=self.epoch * self.steps_per_epoch + self.step, disable=not (progress and self.info.is_main))
         self.model.train()
-        try:
-            with StopRequest() as stop:
-                while self.epoch < self.config.epochs:
-                    self._train_epoch(stop, pbar)
-                    self._end_epoch()
-        finally:
-            pbar.close()
+        with pbar, StopRequest() as stop:  # the bar closes however the loop ends
+            while self.epoch < self.config.epochs:
+                self._train_epoch(stop, pbar)
+                self._end_epoch()
         distributed.barrier()
         return self.model.eval()
 
@@ -387,7 +389,7 @@ class Pretraining:
         record = {"kind": "epoch", "epoch": done, "loss": self.loss_sum / self.steps_per_epoch,
                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": self.seconds, "views_per_s": self.views_per_s}
         # knn_every 0 monitors only after the last epoch.
-        if self.info.is_main and (done == self.config.epochs or (every and done % every == 0)):
+        if self.info.is_main and self.splits.labelled and (done == self.config.epochs or (every and done % every == 0)):
             record["knn_monitor_top1"] = knn_monitor(self.model, self.splits, self.config, self.device)
         self.history.append(record)
         self.log(record)

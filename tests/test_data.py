@@ -168,35 +168,21 @@ def test_folder_loads_every_mode_with_exact_pixels(tmp_path):
     assert all(0 < s < 1 for s in splits.std)
 
 
-def test_resizing_and_image_size_errors(tmp_path):
+def test_images_of_other_sizes_are_resized(tmp_path):
     images = [("a.png", "RGB"), ("b.jpg", "L")]
     root = make_tree(tmp_path / "tree", classes=("x", "y"), images=images)
-    save_image(root / "train" / "x" / "c_big.png", "RGB", size=(12, 12))
-    with pytest.raises(UserError) as exc:
-        load_splits("folder", root)
-    assert_one_line(exc, "c_big.png", "12x12", "--image-size")
-
     splits = load_splits("folder", root, image_size=4)
-    assert splits.train.images.shape == (5, 3, 4, 4) and splits.test.images.shape == (4, 3, 4, 4)
+    assert splits.train.images.shape == (4, 3, 4, 4) and splits.test.images.shape == (4, 3, 4, 4)
     assert splits.image_size == 4
 
     # A non-square image is resized on its shorter side and centre-cropped.
     save_image(root / "train" / "y" / "d_wide.png", "RGB", size=(10, 6))
-    assert load_splits("folder", root, image_size=5).train.images.shape == (6, 3, 5, 5)
+    assert load_splits("folder", root, image_size=5).train.images.shape == (5, 3, 5, 5)
 
-    # Without --image-size the first image sets the size and must be square.
-    wide = make_tree(tmp_path / "wide", classes=("x", "y"), images=[("a.png", "RGB")])
-    save_image(wide / "train" / "x" / "a.png", "RGB", size=(10, 6))
-    with pytest.raises(UserError) as exc:
-        load_splits("folder", wide)
-    assert_one_line(exc, "a.png", "10x6", "not square", "--image-size")
-
-    # Test images must match the train size when no size is given.
-    mismatch = make_tree(tmp_path / "mismatch", classes=("x", "y"), images=[("a.png", "RGB")])
-    save_image(mismatch / "test" / "y" / "a.png", "RGB", size=(6, 6))
-    with pytest.raises(UserError) as exc:
-        load_splits("folder", mismatch)
-    assert_one_line(exc, str(mismatch / "test" / "y" / "a.png"), "6x6", "train images", "--image-size")
+    # Without --image-size, images of several sizes (here 8x8 and 10x6) all go to 64x64, and the source says so.
+    splits = load_splits("folder", root)
+    assert splits.image_size == 64 and splits.test.images.shape == (4, 3, 64, 64)
+    assert "resized and centre-cropped to 64x64" in splits.source and "--image-size" in splits.source
 
 
 @pytest.mark.parametrize(
@@ -271,16 +257,6 @@ def _one_class(root: Path) -> Path:
     return root / "train"
 
 
-def _no_train(root: Path) -> Path:
-    make_tree(root, classes=("a", "b"), splits=("test",), images=[("x.png", "RGB")])
-    return root
-
-
-def _no_test(root: Path) -> Path:
-    make_tree(root, classes=("a", "b"), splits=("train",), images=[("x.png", "RGB")])
-    return root
-
-
 def _missing(root: Path) -> Path:
     return root
 
@@ -292,8 +268,6 @@ def _missing(root: Path) -> Path:
         (_empty_class, ["contains no images"]),
         (_no_images, ["no images"]),
         (_one_class, ["only one class", "only"]),
-        (_no_train, ["no train/ split"]),
-        (_no_test, ["no test/ or val/"]),
         (_missing, ["does not exist"]),
     ],
 )
@@ -341,7 +315,7 @@ def test_skip_bad_images_skips_and_counts(tmp_path):
 def test_pil_decodes_jpegs_when_torchvision_cannot(tmp_path, monkeypatch):
     root = make_tree(tmp_path / "tree")
     fast = load_splits("folder", root).train.images
-    monkeypatch.setattr("simclr_lib.data.decode_jpeg", None)
+    monkeypatch.setattr("simclr_lib.images.decode_jpeg", None)
     slow = load_splits("folder", root).train.images
     png = [j for j, (name, _) in enumerate(MIXED_IMAGES) if name.endswith(".png")]
     assert torch.equal(fast.view(3, 9, 3, 8, 8)[:, png], slow.view(3, 9, 3, 8, 8)[:, png])
@@ -401,7 +375,7 @@ def test_archive_cache_is_written_reused_and_invalidated(tmp_path, monkeypatch):
     cache = data / "c.tar.gz.cache.pt"
     assert cache.is_file() and not list(data.glob("*.tmp"))
 
-    monkeypatch.setattr("simclr_lib.data._decode", lambda files: pytest.fail("decoded again"))
+    monkeypatch.setattr("simclr_lib.images._decode", lambda files: pytest.fail("decoded again"))
     again = load_splits("cifar10", data, download=False)
     assert torch.equal(again.train.images, first.train.images) and torch.equal(again.test.labels, first.test.labels)
     assert again.train.classes == first.train.classes and again.source == first.source

@@ -48,6 +48,11 @@ def test_without_run_dir_the_most_recent_finished_run_is_used_and_named(tmp_path
     # SMOKE (CI) only reuses smoke runs, so it never evaluates a big run by accident
     assert ensure_trained_run(None, tmp_path, smoke=True, runs_root=runs) == smoke
     assert new.is_dir()
+    # A run on your own images is not the notebooks' CIFAR-10 run, however recent
+    photos = fake_run(runs / "quick-4")
+    (photos / "summary.json").write_text('{"dataset": "folder"}')
+    os.utime(photos / "summary.json", (3e9, 3e9))
+    assert ensure_trained_run(None, tmp_path, runs_root=runs) == old
 
 
 def test_the_shipped_encoder_comes_before_training(tmp_path, capsys):

@@ -97,8 +97,9 @@ def _as_model_checkpoint(state: Any, path: Path) -> dict[str, Any]:
     state_dict as one whose "model" holds the encoder only ("encoder_only": the projection head stays new)."""
     if isinstance(state, dict) and "arch" in state and "model" in state:
         return state
-    exported = isinstance(state, dict) and isinstance(state.get("state_dict"), dict)
-    weights = state["state_dict"] if exported else state
+    nested = isinstance(state, dict) and isinstance(state.get("state_dict"), dict)  # also {"state_dict", "epoch"...}
+    exported = nested and {"arch", "cifar_stem", "mean", "std"} <= state.keys()
+    weights = state["state_dict"] if nested else state
     if isinstance(weights, dict) and all(isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
         weights = {k.removeprefix("module."): v for k, v in weights.items()}  # saved from DataParallel/DDP
     if not isinstance(weights, dict) or "conv1.weight" not in weights:
@@ -110,7 +111,10 @@ def _as_model_checkpoint(state: Any, path: Path) -> dict[str, Any]:
     if exported:
         arch |= dict(backbone=state["arch"], cifar_stem=state["cifar_stem"], mean=tuple(state["mean"]),
                      std=tuple(state["std"]))
-    return {"arch": arch, "model": {f"encoder.{k}": v for k, v in weights.items()}, "encoder_only": True}
+    elif not arch["cifar_stem"]:  # a torchvision ResNet with its ImageNet stem: ImageNet's normalisation
+        arch |= dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return {"arch": arch, "model": {f"encoder.{k}": v for k, v in weights.items()}, "encoder_only": True,
+            "image_size": state.get("image_size") if exported else None}
 
 
 def resolve_checkpoint(source: str | Path, runs_root: str | Path = "runs", sha256: str | None = None) -> Path:

@@ -44,7 +44,8 @@ def add_config_flags(parser: argparse.ArgumentParser, names: tuple[str, ...] | N
     """One flag per Config field (or per field in `names`). Only flags a user typed appear in the parsed
     namespace (default SUPPRESS), so an absent flag keeps the preset's value and `--flag none` sets None."""
     for name in names or [n for n in FIELDS if n != "preset"]:
-        flag, kind, help = "--" + name.replace("_", "-"), TYPES[name], FIELDS[name].metadata["help"]
+        flag, kind = "--" + name.replace("_", "-"), TYPES[name]
+        help = FIELDS[name].metadata["help"].replace("%", "%%")  # argparse formats help texts with %
         args = getattr(kind, "__args__", None)
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
@@ -116,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("source", help=SOURCE_HELP)
     parser.add_argument("--sha256", default=None, help="expected SHA-256 of the checkpoint file")
-    add_config_flags(parser, ("data_root", "device"))
+    add_config_flags(parser, ("data_root", "device", "download"))
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

@@ -80,7 +80,12 @@ class ImageFiles(torch.utils.data.Dataset):
         return len(self.files)
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        return torch.stack([image for _, image in _decode_resized([self.files[i] for i in indices], self.image_size)])
+        try:
+            return torch.stack([image for _, image in _decode_resized([self.files[i] for i in indices],
+                                                                      self.image_size)])
+        except UserError as exc:  # its header read (else it would have been skipped), its pixels do not
+            raise UserError(f"{exc}; while streaming, only files whose header is unreadable are skipped: delete "
+                            "it, or train without --data-placement stream") from None
 
     def subset(self, indices: torch.Tensor) -> ImageFiles:
         """The files at `indices`, as ImageData.subset."""
@@ -129,7 +134,7 @@ def load_tree(path: Path, image_size: int | None, skip_bad: bool, stream: bool =
     """Pretrain, train and test images of a folder or archive, and a note for the source. An ImageFolder tree
     (train/<class>/...) gives labelled splits, a seeded class-balanced fifth of train/ held out when there is no test/
     or val/; any other folder is unlabelled (every image in it, train and test empty). Cached beside `path`."""
-    cache, key = Path(f"{path}.cache.pt"), _cache_key(path, image_size)
+    cache, key = Path(f"{os.path.abspath(path)}.cache.pt"), _cache_key(path, image_size)  # beside, never inside
     # No cache, or a corrupt or stale one: decode (and write it anew). A streamed set is never decoded whole.
     with contextlib.suppress(Exception):
         cached = {} if stream else torch.load(cache, weights_only=True)
@@ -143,7 +148,8 @@ def load_tree(path: Path, image_size: int | None, skip_bad: bool, stream: bool =
         note += f"; images of several sizes: resized and centre-cropped to {size}x{size} (--image-size to change)"
     skipped = [] if skip_bad else None  # names of the unreadable files skipped; None: refuse them
     where = f"{path}{'/' if path.is_dir() else ':'}"
-    decoded = {split: _decode_split(where + split, files[split], labels[split], classes, size, skipped)
+    decoded = {split: _decode_split(where + split if classes else str(path), files[split], labels[split], classes,
+                                    size, skipped)
                for split in files if not (stream and split == "pretrain")}
     empty = ImageData(torch.empty(0, 3, size, size, dtype=torch.uint8), torch.empty(0, dtype=torch.int64), classes)
     train, test = decoded.get("train", empty), decoded.get("test", empty)
@@ -152,6 +158,8 @@ def load_tree(path: Path, image_size: int | None, skip_bad: bool, stream: bool =
         keep = torch.tensor([_header_size(file) is not None for _, file in files[first]], dtype=torch.bool)
         skipped += [name for (name, _), ok in zip(files[first], keep.tolist()) if not ok and name not in skipped]
         files[first], labels[first] = [f for f, ok in zip(files[first], keep.tolist()) if ok], labels[first][keep]
+        if not files[first]:
+            raise UserError(f"no readable images in {path}")
     pretrain = ImageFiles(files[first], labels[first], size) if stream else decoded[first]
     if skipped:  # never cached, so that no later load without --skip-bad-images misses them
         warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {path}, e.g. {skipped[0]}", stacklevel=3)
@@ -183,10 +191,10 @@ def _list_tree(path: Path, need_test: bool) -> tuple[dict[str, list], dict[str, 
     splits = _scan(entries)
     where = f"{path}{'/' if path.is_dir() else ':'}"
     test_split = next((split for split in ("test", "val") if split in splits), None)
-    if need_test and ("train" not in splits or test_split is None):
+    if need_test and (not splits.get("train") or test_split is None):
         raise DataNotFoundError(f"no {'test/ or val/' if 'train' in splits else 'train/'} split in {path}: "
                                 f"expected {where}train/<class>/<image> and test/ or val/")
-    if "train" not in splits:  # no ImageFolder tree: every image, unlabelled
+    if not splits.get("train"):  # no ImageFolder tree (no train/<class>/ folders): every image, unlabelled
         files = _image_files(path, entries)
         return ({"pretrain": files}, {"pretrain": torch.full((len(files),), -1)}, [],
                 f"unlabelled: {len(files)} images, no train/<class>/ folders")
@@ -258,7 +266,8 @@ def _entries(path: Path) -> list[tuple[tuple[str, ...], str, Path | bytes | None
                     if parts and (image or member.isdir()):  # other files are never read
                         data, name = tar.extractfile(member).read() if image else None, f"{path}:{'/'.join(parts)}"
                         # The tree sits at the top of the archive, or in a top-level folder.
-                        entries.append((parts if parts[0] in SPLIT_NAMES else parts[1:], name, data))
+                        top = len(parts) > 1 and parts[0] not in SPLIT_NAMES
+                        entries.append((parts[1:] if top else parts, name, data))
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise UserError(f"cannot read archive {path}: {one_line(exc)}") from exc
     return sorted((e for e in entries if e[0] and not any(p.startswith(".") or p == "__MACOSX" for p in e[0])),

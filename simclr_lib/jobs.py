@@ -49,13 +49,19 @@ def load_data(config: Config) -> tuple[DatasetSplits, ImageData | ImageFiles]:
     return splits, data
 
 
+def named_data_root(config: Config) -> str:
+    """Where a data set named by --eval-data or `embed` is looked for: --data-root, unless that is a folder of images
+    (--dataset folder), which is never searched or downloaded into: then data/."""
+    return "data" if config.dataset == "folder" else config.data_root
+
+
 def evaluation_splits(config: Config) -> DatasetSplits:
     """The labelled data a model is evaluated on: config.eval_data when set, else the data set it was trained on."""
     name, root = config.dataset, config.data_root
     if config.eval_data is not None:
         key = config.eval_data.lower().replace("-", "").replace("_", "")
-        name, root = (key, root) if key in DATASETS[:-1] and not Path(config.eval_data).exists() else \
-            ("folder", config.eval_data)
+        name, root = (key, named_data_root(config)) if key in DATASETS[:-1] and not Path(config.eval_data).exists() \
+            else ("folder", config.eval_data)
     no_labels = UserError(f"{root} has no labels to evaluate with: pass --eval-data with a folder of "
                           "train/<class>/<image> (test/ optional) or a data set name such as cifar10")
     if name == "folder" and Path(root).is_dir() and not (Path(root) / "train").is_dir():
@@ -216,17 +222,18 @@ def format_summary(summary: dict[str, Any]) -> str:
 def load_model(source: str | Path, sha256: str | None = None,
                overrides: dict[str, Any] | None = None) -> tuple[SimCLR, Config, Path]:
     """The trained model (on its device), its config (with `overrides` of EVAL_SETTINGS) and the folder for results.
-    Another --dataset means a transfer evaluation: that data set at its own image size, not the run's --eval-data."""
+    Another --dataset or --data-root means other data: at its own image size (unless --image-size), not --eval-data."""
     path, state = read_model_checkpoint(source, sha256)
     model = SimCLR(**state["arch"])
     load_model_state(model, state["model"], str(path), state.get("encoder_only", False))
     arch = upgrade({k: v for k, v in state["arch"].items() if k not in ("mean", "std")})  # the config's model keys
     # Weights without a recipe are evaluated on CIFAR-10 with their architecture.
-    config = Config(**upgrade(state["config"])) if "config" in state else make_config("quick", **arch)
+    config = (Config(**upgrade(state["config"])) if "config" in state
+              else make_config("quick", **arch, image_size=state.get("image_size")))
     changed = {k: v for k, v in (overrides or {}).items() if v is not None}
     if fixed := sorted(set(changed) - set(EVAL_SETTINGS)):
         raise UserError(f"{fixed[0]} cannot be changed when evaluating a trained model")
-    if changed.get("dataset", config.dataset) != config.dataset:
+    if "dataset" in changed or "data_root" in changed and changed["data_root"] != config.data_root:
         changed = {"eval_data": None, "image_size": None, **changed}
     config = config.replace(**changed)
     return on_device(model, resolve_device(config.device)), config, path.parent
@@ -269,15 +276,13 @@ def evaluate_job(source: str | Path, fractions: list[float], supervised: bool = 
     t0 = time.perf_counter()
     model, config, out_dir, splits = load_trained(source, sha256, overrides)
     device = resolve_device(config.device)
-    # --dataset asks for a transfer evaluation, written beside the run's own evaluation, never over it.
-    transfer = (overrides or {}).get("dataset") is not None
-    name = f"transfer-{Path(config.data_root).name if config.dataset == 'folder' else config.dataset}"
+    transfer = _transfer_name(config, overrides)
     print(f"evaluating {out_dir} on {device_description(device)}: kNN and linear probe, trained vs random init"
           f"{f', on {splits.source} (transfer)' if transfer else ''} ...")
     trained = evaluate_model(model, splits, config, device, progress)
     random_init = evaluate_model(random_init_model(config, splits, device), splits, config, device, progress)
     extra = label_fraction_results(model, splits, config, device, fractions, supervised, progress)
-    figures = out_dir / "figures" / (name if transfer else "")
+    figures = out_dir / "figures" / transfer
     written = [viz.save_figure(viz.plot_confusion_matrix(trained["linear"]["confusion"], splits.test.classes),
                                fresh_path(figures / "confusion_matrix.png"))]
     if fractions:
@@ -288,7 +293,7 @@ def evaluate_job(source: str | Path, fractions: list[float], supervised: bool = 
         written.append(viz.save_figure(figure, fresh_path(figures / "label_fractions.png")))
     result = eval_record(trained, random_init, splits, config, device_description(device),
                          {**extra, "seconds": time.perf_counter() - t0})
-    path = write_json(out_dir / (f"{name}.json" if transfer else "eval.json"), result)
+    path = write_json(out_dir / (f"{transfer}.json" if transfer else "eval.json"), result)
     report = [] if transfer else [write_report([out_dir])]
     print(format_eval(result))
     print(f"  wrote {', '.join(str(p) for p in [path, *written, *report])}")
@@ -321,12 +326,20 @@ def representation_figures(model: SimCLR, baseline: SimCLR, splits: DatasetSplit
     return [tsne, retrieval]
 
 
+def _transfer_name(config: Config, overrides: dict[str, Any] | None) -> str:
+    """"transfer-<data set>" when --dataset asks for a transfer evaluation (written beside the run's own results,
+    never over them), else ""."""
+    if (overrides or {}).get("dataset") is None:
+        return ""
+    return f"transfer-{Path(config.data_root).resolve().name if config.dataset == 'folder' else config.dataset}"
+
+
 def tsne_job(source: str | Path, sha256: str | None = None, overrides: dict[str, Any] | None = None) -> list[Path]:
-    """`simclr tsne`: the t-SNE and retrieval figures of a trained model."""
+    """`simclr tsne`: the t-SNE and retrieval figures of a trained model (of a transfer: figures/transfer-<name>/)."""
     model, config, out_dir, splits = load_trained(source, sha256, overrides)
     device = resolve_device(config.device)
     paths = representation_figures(model, random_init_model(config, splits, device), splits, config, device,
-                                   out_dir / "figures")
+                                   out_dir / "figures" / _transfer_name(config, overrides))
     for path in paths:
         print(f"wrote {path}")
     return paths
@@ -359,8 +372,8 @@ def embed_job(source: str | Path, images: str, out: str | Path, split: str = "te
     if taken := [str(p) for p in (out, beside) if p.exists()]:
         raise UserError(f"{taken[0]} already exists: choose another --out")
     if named:
-        data = getattr(load_splits(key, config.data_root, overrides and overrides.get("image_size"), config.download),
-                       split)
+        data = getattr(load_splits(key, named_data_root(config), (overrides or {}).get("image_size"),
+                                   config.download), split)
         pixels, names = data.images, None
     else:  # the size the model was trained at: its own folder's, else CIFAR's 32 or STL-10's 96
         size = config.image_size or (96 if config.dataset == "stl10" else 32)
@@ -383,8 +396,8 @@ def export_job(source: str | Path, out: str | Path, sha256: str | None = None) -
     out = Path(out)
     if out.exists():
         raise UserError(f"{out} already exists: choose another --out")
-    model = SimCLR.from_checkpoint(source, sha256)
-    blob = export_encoder(model)
+    model, config, _ = load_model(source, sha256, {"device": "cpu"})
+    blob = {**export_encoder(model), "image_size": config.image_size or (96 if config.dataset == "stl10" else 32)}
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(blob, out)
     stem = "CIFAR stem" if blob["cifar_stem"] else "ImageNet stem"

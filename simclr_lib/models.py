@@ -124,7 +124,8 @@ def load_model_state(model: nn.Module, state: dict, source: str, encoder_only: b
                         "width or head")
     model.load_state_dict({k: state[k] for k in own}, strict=not encoder_only)
     if encoder_only:
-        ignored = f"; ignored {len(unexpected)} unexpected keys: {', '.join(unexpected)}" if unexpected else ""
+        names = ", ".join(k.removeprefix("encoder.") for k in unexpected)  # as the file names them
+        ignored = f"; ignored {len(unexpected)} unexpected keys: {names}" if unexpected else ""
         print(f"loaded the encoder of {source} (the projection head is newly initialised){ignored}")
 
 

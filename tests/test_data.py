@@ -249,7 +249,7 @@ def _empty_class(root: Path) -> Path:
 def _no_images(root: Path) -> Path:
     (root / "train").mkdir(parents=True)
     (root / "test").mkdir()
-    return root / "train"
+    return root
 
 
 def _one_class(root: Path) -> Path:

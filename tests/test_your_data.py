@@ -3,6 +3,7 @@ files, `embed`, `export` (checked against torchvision) and transfer evaluation, 
 
 import io
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -149,6 +150,7 @@ def test_pretrain_on_unlabelled_photos_then_evaluate_embed_export(tmp_path, caps
     # export, and the export loads back as a SimCLR encoder with the same features.
     exported = tmp_path / "encoder.pt"
     assert main(["export", str(run), "--out", str(exported)]) == 0
+    assert torch.load(exported, weights_only=True)["image_size"] == 64  # so the exported encoder is used at 64 px
     assert "resnet_encoder" in capsys.readouterr().out  # width 4 does not fit torchvision's constructor
     again = SimCLR.from_checkpoint(exported)
     assert "projection head is newly initialised" in capsys.readouterr().out
@@ -212,6 +214,46 @@ def test_transfer_evaluation_on_another_labelled_folder(tiny_folder, tmp_path, c
     result = json.loads((run / "transfer-shapes.json").read_text())
     assert len(result["linear"]["confusion"]) == 3 and (run / "eval.json").read_bytes() == own
     assert (run / "figures" / "transfer-shapes" / "confusion_matrix.png").is_file()
+    # A run evaluated on --eval-data: a transfer to another folder uses that folder, not the run's --eval-data.
+    other = tmp_path / "other"
+    assert main(["--dataset", "folder", "--data-root", str(photos(tmp_path / "p")), "--eval-data", str(labelled),
+                 "--out", str(other), *cheap()]) == 0
+    assert main(["evaluate", str(other), "--dataset", "folder", "--data-root", str(tiny_folder), "--label-fractions",
+                 "", "--probe-epochs", "2", "--no-progress"]) == 0
+    assert len(json.loads((other / f"transfer-{tiny_folder.name}.json").read_text())["linear"]["confusion"]) == 4
+
+
+def test_a_named_eval_data_set_is_never_looked_for_in_your_image_folder(tmp_path, monkeypatch, capsys):
+    from test_data import write_fake_cifar
+    monkeypatch.chdir(tmp_path)
+    write_fake_cifar(tmp_path / "data", per_batch=8)  # ./data, the default data root
+    root = photos(tmp_path / "photos")
+    assert main(["--dataset", "folder", "--data-root", str(root), "--eval-data", "cifar10", "--no-download",
+                 "--image-size", "32", "--out", str(tmp_path / "run"), *cheap()]) == 0
+    assert "cifar-10-batches-py" in capsys.readouterr().out and not list(root.rglob("cifar*"))
+
+
+def test_other_layouts_and_weight_files(tmp_path, capsys):
+    # Images directly in train/ (no class folders), and an archive with images at its top: unlabelled.
+    flat = tmp_path / "flat"
+    (flat / "train").mkdir(parents=True)
+    for i in range(4):
+        Image.new("RGB", (10, 10), (i, 0, 0)).save(flat / "train" / f"{i}.png")
+    assert not load_splits("folder", flat).labelled and len(load_splits("folder", flat).pretrain) == 4
+    with tarfile.open(tmp_path / "top.tar", "w") as tar:
+        for path in sorted((flat / "train").glob("*.png")):
+            tar.add(path, arcname=path.name)
+    assert len(load_splits("folder", tmp_path / "top.tar").pretrain) == 4
+    # A training script's {"state_dict": ..., "epoch": ...} and torchvision's ImageNet-stem weights load.
+    torch.save({"state_dict": torchvision.models.resnet18().state_dict(), "epoch": 3}, tmp_path / "wrapped.pt")
+    model = SimCLR.from_checkpoint(tmp_path / "wrapped.pt")
+    assert not model.arch["cifar_stem"] and model.arch["mean"] == (0.485, 0.456, 0.406)  # ImageNet's
+    assert "ignored 2 unexpected keys: fc.bias, fc.weight" in capsys.readouterr().out
+    # Every --help works (a % in a help text once broke argparse).
+    for command in ([], ["evaluate"], ["embed"], ["export"], ["tsne"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*command, "--help"])
+        assert exc.value.code == 0
 
 
 def test_an_unreadable_file_met_by_a_stream_worker_is_one_line():

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.flop_counter import FlopCounterMode
 
 from .augment import SimCLRAugment, pil_pipeline, reference_view
 from .config import Config, make_config
@@ -112,6 +113,27 @@ def bench_loss(device: torch.device, n: int = 1024, dim: int = 128, repeat: int 
     return {"n": n, "dim": dim, "ours_ms": ours * 1e3, "mask_and_gather_ms": theirs * 1e3, "speedup": theirs / ours}
 
 
+# Dense half-precision tensor-core peaks (bf16; fp16 on T4 and V100, which have no bf16), in TFLOPS, from the
+# vendor data sheets; matched in this order against the CUDA device name.
+TENSOR_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0),
+                      ("L40S", 362.1), ("L4", 121.0), ("T4", 65.0), ("V100", 125.0))
+
+
+def tensor_peak_tflops(device_name: str) -> float | None:
+    """The GPU's dense bf16 (or fp16) tensor peak in TFLOPS, when this table knows the card."""
+    return next((peak for key, peak in TENSOR_PEAK_TFLOPS if key in device_name), None)
+
+
+def train_flops_per_view(config: Config) -> float:
+    """FLOPs of one view in a training step: forward and backward of encoder and head, as counted by PyTorch's
+    FlopCounterMode (matrix products and convolutions, 2 per multiply-add) on two views on the CPU."""
+    model = build_model(config, CIFAR10_MEAN, CIFAR10_STD)
+    size = config.image_size or 32
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(2, 3, size, size)).sum().backward()
+    return counter.get_total_flops() / 2
+
+
 def _train_step(config: Config, device: torch.device, compile: bool) -> TrainStep:
     if device.type == "cuda":  # the peak memory counted from here on is this path's alone
         torch.cuda.empty_cache()
@@ -135,7 +157,8 @@ def _views_per_s(step: Callable[[], None], device: torch.device, warmup: int, st
 def _fast_path(images: torch.Tensor, device: torch.device, config: Config, steps: int, compile: bool) -> float:
     step = _train_step(config, device, compile)
     data = ImageData(images, torch.zeros(len(images), dtype=torch.long), ["x"])
-    batches = BatchSource(data, "device", config.batch_size, 0, device).epoch(0)
+    source = BatchSource(data, "device", config.batch_size, 0, device)
+    batches = (batch for epoch in itertools.count() for batch in source.epoch(epoch))
     generator, seeds = torch.Generator(device=device), itertools.count()
     return _views_per_s(lambda: step(next(batches), generator.manual_seed(step_seed(0, 0, next(seeds)))), device,
                         3 if compile else 2, steps, config.batch_size)
@@ -143,9 +166,10 @@ def _fast_path(images: torch.Tensor, device: torch.device, config: Config, steps
 
 def _dataloader_path(images: torch.Tensor, device: torch.device, config: Config, steps: int, workers: int) -> float:
     step = _train_step(config, device, compile=False)
-    batches = iter(DataLoader(PILTwoViews(images, pil_pipeline()), batch_size=config.batch_size, shuffle=True,
-                              drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
-                              persistent_workers=workers > 0))
+    loader = DataLoader(PILTwoViews(images, pil_pipeline()), batch_size=config.batch_size, shuffle=True,
+                        drop_last=True, num_workers=workers, pin_memory=device.type == "cuda",
+                        persistent_workers=workers > 0)
+    batches = (batch for _ in itertools.count() for batch in loader)  # epoch after epoch: big batches, few images
 
     def one() -> None:
         v1, v2 = next(batches)
@@ -156,21 +180,26 @@ def _dataloader_path(images: torch.Tensor, device: torch.device, config: Config,
 
 
 def bench_train_step(images: torch.Tensor, device: torch.device, batch_size: int, width: int, steps: int,
-                     workers: int, compile: bool = False) -> dict[str, Any]:
-    """Views/s of whole training steps (augmentation included) for ResNet-18 CIFAR at `width`: the fast path
-    (uint8 data on the device, batched augmentation) and the per-image path (PIL in DataLoader workers)."""
-    config = make_config("quick", width=width, batch_size=batch_size, train_subset=None)
+                     workers: int, compile: bool = False, backbone: str = "resnet18") -> dict[str, Any]:
+    """Views/s of whole training steps (augmentation included) for a CIFAR-stem ResNet at `width`: the fast path
+    (uint8 data on the device, batched augmentation) and the per-image path (PIL in DataLoader workers), with the
+    fast path's achieved TFLOPS and its fraction of the GPU's tensor peak where the card is known."""
+    config = make_config("quick", backbone=backbone, width=width, batch_size=batch_size, train_subset=None)
     fast, fast_peak = _fast_path(images, device, config, steps, compile), _peak_mb(device)
     classic = _dataloader_path(images, device, config, steps, workers)
-    return {"batch_size": batch_size, "width": width, "steps": steps, "workers": workers, "compiled": compile,
-            "fast_views_per_s": fast, "dataloader_views_per_s": classic, "speedup": fast / classic,
-            "fast_peak_mb": fast_peak, "dataloader_peak_mb": _peak_mb(device)}
+    flops = train_flops_per_view(config)
+    peak = tensor_peak_tflops(device_description(device)) if device.type == "cuda" else None
+    return {"backbone": backbone, "batch_size": batch_size, "width": width, "steps": steps, "workers": workers,
+            "compiled": compile, "fast_views_per_s": fast, "dataloader_views_per_s": classic,
+            "speedup": fast / classic, "fast_peak_mb": fast_peak, "dataloader_peak_mb": _peak_mb(device),
+            "train_gflops_per_view": flops / 1e9, "fast_tflops": fast * flops / 1e12, "tensor_peak_tflops": peak,
+            "fraction_of_peak": fast * flops / 1e12 / peak if peak else None}
 
 
 def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), width: int | None = None,
               steps: int | None = None, workers: int | None = None, compile: bool = False,
               data_root: str | Path = "data", out: str | Path | None = None, progress: Callable[[str], None] = print,
-              augment_batch: int = 512, loss_n: int = 1024) -> dict[str, Any]:
+              augment_batch: int = 512, loss_n: int = 1024, backbone: str = "resnet18") -> dict[str, Any]:
     """All benchmarks on one device; writes the JSON to `out` when given and returns it."""
     dev = resolve_device(device)
     on_gpu = dev.type == "cuda"
@@ -178,7 +207,7 @@ def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), wid
     width = width if width is not None else (64 if on_gpu else 8)
     steps = steps if steps is not None else (30 if on_gpu else 4)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 16)
-    need = max(augment_batch, max(batch_sizes) * (steps + max(2, 2 * workers) + 4))
+    need = max(augment_batch, 2 * max(batch_sizes))  # both paths go round the images as often as they need
     try:  # CIFAR-10 train images if they are on disk, else seeded random ones (speed does not depend on content)
         images = load_splits("cifar10", data_root, None, download=False).train.images
         data_note = f"CIFAR-10 train ({len(images)} images)"
@@ -186,7 +215,7 @@ def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), wid
         images = torch.randint(0, 256, (need, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
         data_note = f"random 32x32 images ({need}; no CIFAR-10 under {data_root})"
     if len(images) < need:
-        raise UserError(f"the benchmark needs {need} images but {data_note}: lower --steps or --batch-sizes")
+        raise UserError(f"the benchmark needs {need} images but {data_note}: lower --batch-sizes")
     result: dict[str, Any] = {"device": device_description(dev), "torch": torch.__version__,
                               "python": platform.python_version(), "cpu_count": os.cpu_count(),
                               "torch_threads": torch.get_num_threads(), "data": data_note,
@@ -198,8 +227,9 @@ def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), wid
     result["loss"] = bench_loss(dev, loss_n)
     result["train_step"] = []
     for batch_size in batch_sizes:
-        progress(f"training step, batch {batch_size}, ResNet-18 CIFAR width {width} ...")
-        result["train_step"].append(bench_train_step(images, dev, batch_size, width, steps, workers, compile))
+        progress(f"training step, batch {batch_size}, {backbone} CIFAR width {width} ...")
+        result["train_step"].append(bench_train_step(images, dev, batch_size, width, steps, workers, compile,
+                                                     backbone))
     if out is not None:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(result, indent=2) + "\n")
@@ -220,7 +250,11 @@ def format_bench(result: dict[str, Any]) -> str:
     for r in result["train_step"]:
         memory = ("" if r["fast_peak_mb"] is None
                   else f", peak {r['fast_peak_mb']:,.0f} / {r['dataloader_peak_mb']:,.0f} MiB")
-        rows.append((f"train step, views/s (R18 w{r['width']}, batch {r['batch_size']}{memory})",
+        peak = f", {r['fraction_of_peak']:.0%} of peak" if r.get("fraction_of_peak") else ""
+        name = r.get("backbone", "resnet18").replace("resnet", "R")
+        rows.append((f"train step, views/s ({name} w{r['width']}, batch {r['batch_size']}{memory}, "
+                     f"{r['fast_tflops']:.1f} TFLOPS{peak})" if "fast_tflops" in r else
+                     f"train step, views/s ({name} w{r['width']}, batch {r['batch_size']}{memory})",
                      f"{r['fast_views_per_s']:,.0f}", f"{r['dataloader_views_per_s']:,.0f} (PIL DataLoader, "
                      f"{r['workers']} workers)", f"{r['speedup']:.1f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]

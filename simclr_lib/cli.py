@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "process on one device.")
     bn.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     bn.add_argument("--batch-sizes", default="256,512", metavar="B,B", help="training-step batch sizes")
-    bn.add_argument("--width", type=_at_least(1), help="ResNet-18 width (default: 64 on a GPU, 8 on a CPU)")
+    bn.add_argument("--backbone", default="resnet18", choices=("resnet18", "resnet50"), help="the encoder timed")
+    bn.add_argument("--width", type=_at_least(1), help="ResNet width (default: 64 on a GPU, 8 on a CPU)")
     bn.add_argument("--steps", type=_at_least(1), help="timed training steps (default: 30 on a GPU, 4 on a CPU)")
     bn.add_argument("--workers", type=_at_least(0),
                     help="DataLoader workers of the per-image path (default: CPU cores, at most 16)")
@@ -202,7 +203,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if out.exists():
         raise UserError(f"{out} already exists: choose another --out")
     result = run_bench(args.device, batch_sizes, args.width, args.steps, args.workers, args.compile,
-                       args.data_root, out)
+                       args.data_root, out, backbone=args.backbone)
     print(format_bench(result))
     print(f"wrote {out}")
 

@@ -216,8 +216,9 @@ def check_pretraining_data(n: int, config: Config, world_size: int = 1) -> None:
 
 class Pretraining:
     """Everything one pretraining run holds: model, optimiser, schedule, batches, log, checkpoints and progress.
-    Every random draw is a function of (seed, epoch, step), so resuming from a checkpoint (written at every epoch
-    end, and mid-epoch when SIGINT/SIGTERM asks the run to stop) continues exactly as if the run had never stopped."""
+    Every random draw is a function of (seed, epoch, step), so resuming from a checkpoint (written at an epoch end
+    every checkpoint_every seconds and after the last epoch, and mid-epoch when SIGINT/SIGTERM asks the run to stop)
+    continues exactly as if the run had never stopped."""
 
     def __init__(self, config: Config, splits: DatasetSplits, data: ImageData, run_dir: Path) -> None:
         self.info = info = distributed.current()
@@ -245,6 +246,7 @@ class Pretraining:
         self.history: list[dict[str, Any]] = []
         # Pretraining seconds of the finished epochs; views/s of the last epoch's steps in this session.
         self.seconds_before, self.views_per_s = 0.0, 0.0
+        self.last_write = time.perf_counter()  # checkpoints every config.checkpoint_every seconds, not every epoch
 
     def _schedule(self) -> WarmupCosineSchedule:
         spe, config = self.steps_per_epoch, self.config
@@ -302,8 +304,11 @@ class Pretraining:
         fit = {"step_seconds": (t1 - t0) / measured_steps, "measured_steps": measured_steps,
                "monitor_seconds": monitor / config.knn_every if config.knn_every else 0.0,
                "checkpoint_seconds": checkpoint}
-        fit["epoch_seconds"] = self.steps_per_epoch * fit["step_seconds"] + fit["monitor_seconds"] + checkpoint
-        fit["seconds_left"] = deadline - time.perf_counter() - (0.0 if config.knn_every else monitor)
+        epoch_seconds = self.steps_per_epoch * fit["step_seconds"] + fit["monitor_seconds"]
+        # one checkpoint per checkpoint_every seconds (at most one per epoch), and the last one
+        every = max(config.checkpoint_every, epoch_seconds, 1e-9)
+        fit["epoch_seconds"] = epoch_seconds + checkpoint * epoch_seconds / every
+        fit["seconds_left"] = deadline - time.perf_counter() - (0.0 if config.knn_every else monitor) - checkpoint
         # 3 % headroom for the per-epoch bookkeeping and for jitter in the measured speed; every rank agrees.
         epochs = int(max(0.0, 0.97 * fit["seconds_left"]) // fit["epoch_seconds"])
         fit["epochs"] = distributed.min_over_ranks(max(1, min(config.epochs, epochs)), self.device)
@@ -376,9 +381,10 @@ class Pretraining:
         value, accuracy = distributed.mean_over_ranks(means).tolist()
         if not math.isfinite(value):
             fp32 = "" if self.step_fn.precision == "fp32" else ", or pass --precision fp32"
+            kept = (f"the last good checkpoint is kept in {self.checkpoints.path}" if self.checkpoints.path.exists()
+                    else "no checkpoint had been written yet")
             raise TrainingDiverged(f"the loss became {value} at step {global_step} (epoch {self.epoch + 1}): lower "
-                                   f"--lr or raise --temperature{fp32}; the "
-                                   f"last good checkpoint is kept in {self.checkpoints.path}")
+                                   f"--lr or raise --temperature{fp32}; {kept}")
         self.log({"kind": "step", "epoch": self.epoch, "step": global_step, "loss": value, "lr": lr,
                   "contrastive_acc": accuracy})
         pbar.set_postfix(epoch=f"{self.epoch + 1}/{self.config.epochs}", loss=f"{value:.3f}", lr=f"{lr:.3g}")
@@ -395,7 +401,12 @@ class Pretraining:
         self.log(record)
         self.seconds_before += self.seconds
         self.epoch, self.step, self.loss_sum, self.seconds = done, 0, 0.0, 0.0
-        self.checkpoints.write(self.state_dict())
+        # A checkpoint costs a full write (and on a fast GPU, a sizeable part of an epoch): every few minutes is
+        # enough, since SIGINT/SIGTERM write one at once; the last epoch always writes, for evaluation and resume.
+        now = time.perf_counter()
+        if done == self.config.epochs or now - self.last_write >= self.config.checkpoint_every:
+            self.checkpoints.write(self.state_dict())
+            self.last_write = now
 
 
 def pretrain(config: Config, splits: DatasetSplits, data: ImageData, run_dir: Path, resume: bool = False,

@@ -6,10 +6,13 @@ import re
 import pytest
 import torch
 
+from simclr_lib import bench
 from simclr_lib.augment import pil_pipeline
 from simclr_lib.bench import PILTwoViews, format_bench, mask_and_gather_nt_xent, run_bench
 from simclr_lib.cli import main
+from simclr_lib.config import make_config
 from simclr_lib.loss import nt_xent_loss
+from simclr_lib.models import build_model
 
 
 @pytest.mark.parametrize("n", [2, 7])
@@ -34,18 +37,54 @@ def test_pil_two_views_gives_two_different_normalised_views():
     assert v1.shape == v2.shape == (3, 32, 32) and not torch.equal(v1, v2)
 
 
-def test_run_bench_on_cpu_writes_json_and_table(tmp_path):
+@pytest.mark.parametrize("backbone", ["resnet18", "resnet50"])
+def test_run_bench_on_cpu_writes_json_and_table(tmp_path, backbone):
+    # 16 random images are two batches: both paths must go round them more than once (2 untimed steps + 1 timed)
     out = tmp_path / "bench.json"
     result = run_bench("cpu", batch_sizes=[8], width=2, steps=1, workers=0, data_root=tmp_path / "none",
-                       out=out, progress=lambda _: None, augment_batch=16, loss_n=16)
+                       out=out, progress=lambda _: None, augment_batch=16, loss_n=16, backbone=backbone)
     saved = json.loads(out.read_text())
     assert saved["device"].startswith("CPU") and "random" in saved["data"]
     assert saved["augmentation"]["batched_images_per_s"] > 0 and saved["loss"]["ours_ms"] > 0
     (step,) = saved["train_step"]
     assert step["batch_size"] == 8 and step["width"] == 2 and step["fast_views_per_s"] > 0
-    assert step["dataloader_views_per_s"] > 0 and step["fast_peak_mb"] is None
+    assert step["dataloader_views_per_s"] > 0 and step["fast_peak_mb"] is None and step["backbone"] == backbone
+    assert step["fast_tflops"] > 0 and step["fraction_of_peak"] is None  # no tensor peak for a CPU
     table = format_bench(result)
-    assert "augmentation" in table and "mask and gather" in table and "batch 8" in table
+    assert "augmentation" in table and "mask and gather" in table and "batch 8" in table and "TFLOPS" in table
+
+
+def naive_training_flops(model, size):
+    """3 x the forward FLOPs of every convolution and linear layer (2 per multiply-add), summed by hand from the
+    shapes, less the first convolution's gradient with respect to its input (the images need none)."""
+    forward = []
+
+    def count(module, inputs, output):
+        if isinstance(module, torch.nn.Conv2d):
+            k = module.kernel_size[0] * module.kernel_size[1]
+            forward.append(2 * module.in_channels // module.groups * k * output[0].numel())  # one image
+        elif isinstance(module, torch.nn.Linear):
+            forward.append(2 * module.in_features * module.out_features)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules()]
+    model(torch.zeros(2, 3, size, size))  # two images: BatchNorm in train mode needs more than one
+    for hook in hooks:
+        hook.remove()
+    return 3 * sum(forward) - forward[0]
+
+
+@pytest.mark.parametrize("backbone, width, head", [("resnet18", 64, "none"), ("resnet50", 8, "all")])
+def test_training_flops_per_view_match_a_count_by_hand(backbone, width, head):
+    config = make_config("quick", backbone=backbone, width=width, proj_batch_norm=head)
+    expected = naive_training_flops(build_model(config, (0.5,) * 3, (0.25,) * 3), 32)
+    assert bench.train_flops_per_view(config) == pytest.approx(expected, rel=1e-9)
+    if backbone == "resnet18":  # the CIFAR-stem ResNet-18: 0.56 G multiply-adds per image forward
+        assert 3.2e9 < expected < 3.5e9
+
+
+def test_tensor_peaks_are_matched_by_card_name():
+    names = ("NVIDIA H200", "NVIDIA H100 PCIe", "NVIDIA H100 80GB HBM3", "NVIDIA L40S", "NVIDIA L4", "Tesla T4", "X")
+    assert [bench.tensor_peak_tflops(name) for name in names] == [989.4, 756.0, 989.4, 362.1, 121.0, 65.0, None]
 
 
 @pytest.mark.parametrize("flags, message", [

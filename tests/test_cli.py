@@ -73,7 +73,8 @@ def test_resume_after_a_crash_gives_the_same_weights(tiny_folder, tmp_path, monk
 
     monkeypatch.setattr(checkpoints_module, "save_checkpoint", save_then_crash)
     part = tmp_path / "part"
-    assert main(tiny_args(tiny_folder, part, "--knn-every", "0", "--probe-epochs", "1")) == 130
+    assert main(tiny_args(tiny_folder, part, "--knn-every", "0", "--probe-epochs", "1",
+                          "--checkpoint-every", "0")) == 130  # a checkpoint at every epoch end
     assert torch.load(part / "checkpoint.pt", weights_only=True)["epoch"] == 1
     monkeypatch.setattr(checkpoints_module, "save_checkpoint", real_save)
     assert main(["--resume", "--out", str(part), "--no-progress"]) == 0
@@ -225,15 +226,20 @@ def test_nan_loss_stops_with_a_hint_and_keeps_the_last_good_checkpoint(tiny_fold
 
     monkeypatch.setattr(train_module, "nt_xent_loss", loss_that_diverges)
     out = tmp_path / "nan"
-    assert main(tiny_args(tiny_folder, out, "--knn-every", "0", "--log-every", "1")) == 2
+    assert main(tiny_args(tiny_folder, out, "--knn-every", "0", "--log-every", "1", "--checkpoint-every", "0")) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "loss became nan at step 6" in err[0] and "lower --lr" in err[0]
+    assert "last good checkpoint is kept" in err[0]
     assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1  # epoch 1, still loadable
+    calls.clear()  # with the default interval nothing was written before the loss diverged, and it says so
+    assert main(tiny_args(tiny_folder, tmp_path / "nan2", "--knn-every", "0", "--log-every", "1")) == 2
+    assert "no checkpoint had been written yet" in capsys.readouterr().err
 
 
 def test_keep_holds_older_checkpoints_beside_the_latest(tiny_folder, tmp_path):
     out = tmp_path / "keep"
-    assert main(tiny_args(tiny_folder, out, "--epochs", "4", "--keep", "2", "--knn-every", "0")) == 0
+    assert main(tiny_args(tiny_folder, out, "--epochs", "4", "--keep", "2", "--knn-every", "0",
+                          "--checkpoint-every", "0")) == 0
     older = sorted(p.name for p in out.glob("checkpoint-*.pt"))
     assert older == ["checkpoint-epoch0002.pt", "checkpoint-epoch0003.pt"]
     for name, epoch in [("checkpoint.pt", 4), *zip(older, (2, 3))]:

@@ -23,6 +23,11 @@ def test_preset_recipes():
     assert (seed.optimizer, seed.lr, seed.temperature, seed.batch_size) == ("adam", 3e-4, 0.07, 512)
     r18 = make_config("cifar10-r18")
     assert (r18.backbone, r18.batch_size, r18.epochs, r18.weight_decay) == ("resnet18", 512, 1000, 1e-4)
+    assert r18.proj_batch_norm == "all"  # the official code's head
+    short = make_config("cifar10-r18-10min")  # lightly's optimiser: 0.06 x batch/128 is 0.12 x batch/256
+    assert (short.optimizer, short.lr, short.lr_scaling, short.weight_decay, short.weight_decay_all) == (
+        "sgd", 0.12, "linear", 5e-4, True)
+    assert short.time_budget == 480 and short.proj_batch_norm == "hidden"
 
 
 def test_overrides_win_and_none_keeps_the_preset():

@@ -159,6 +159,16 @@ def test_knn_every_0_monitors_after_the_last_epoch_only(tmp_path):
     assert ["knn_monitor_top1" in r for r in epochs] == [False, False, True]
 
 
+@pytest.mark.parametrize("every, kept", [(0.0, ["checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt"]),
+                                         (3600.0, [])])
+def test_checkpoints_are_written_every_checkpoint_every_seconds_and_after_the_last_epoch(tmp_path, every, kept):
+    # keep=5 keeps every checkpoint replaced: with an hour between writes only the last epoch's is written
+    splits = tiny_splits()
+    pretrain(tiny_config(epochs=3, keep=5, checkpoint_every=every), splits, splits.pretrain, tmp_path, progress=False)
+    assert sorted(p.name for p in tmp_path.glob("checkpoint-*.pt")) == kept
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"] == 3
+
+
 def test_the_loop_uses_the_schedules_learning_rate_at_every_step(tmp_path):
     # 48 images / batch 16 = 3 steps per epoch; 4 epochs with 1.5 of warmup: 12 steps, 4.5 -> 4 warmup steps
     splits = tiny_splits()

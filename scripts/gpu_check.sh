@@ -1,26 +1,47 @@
 #!/usr/bin/env bash
-# The one prepared GPU check (about 8.5 minutes on one H100/H200): `simclr bench`, then the cifar10-r18 recipe
-# trained for as many epochs as fit 420 s (--time-budget) and evaluated as usual (full-test-set kNN + linear probe).
+# The one prepared GPU job (one H100/H200, at most TOTAL = 540 s in all): `run.py bench` (ResNet-18, batch 256 and
+# 512, bf16), then the PRESET (cifar10-r18-10min) with --time-budget filling what is left and evaluated as usual
+# (full-test-set kNN + linear probe), then the shipped encoder's folder made from it (scripts/ship_encoder.py).
 # Usage: bash scripts/gpu_check.sh [OUT_DIR [EXTRA RUN.PY FLAGS]]   (OUT_DIR default: $OUT, else gpu_check/)
+# Settings (environment): TOTAL (540), RESERVE (seconds kept for loading, evaluation and packing: 120),
+#   PRESET (cifar10-r18-10min), PYTHON (python3), SHIP (1: make the shipped folder; 0 for ResNet-50),
+#   BENCH_FLAGS (e.g. "--backbone resnet50 --batch-sizes 256,512,1024").
 # Needs CIFAR-10 under data/ (e.g. the staged data/cifar10-jpeg.tar.gz); runs from source, nothing installed.
-# Writes OUT_DIR/environment.txt, bench.json + bench.log, cifar10-r18-420s/ (summary.json, eval.json, metrics.jsonl,
-# figures, report.md; the checkpoint is deleted) + cifar10-r18-420s.log.
+# Writes at most 8 files to OUT_DIR (the device tool brings back 8, each under 16 MiB): environment.txt, bench.json,
+# bench.log, run.log and results.tar.part-NN (the run folder without its checkpoint, and the shipped folder).
+# Back here: cat OUT_DIR/results.tar.part-* | tar -x -C DIR  gives DIR/PRESET/ and DIR/pretrained-cifar10-r18/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then OUT_DIR=$1; shift; else OUT_DIR=${OUT:-gpu_check}; fi
-BUDGET=${BUDGET:-420}
-mkdir -p "$OUT_DIR"
-export PYTHONPATH=.
-{ nvidia-smi || true; nproc; python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" || true; } \
-  > "$OUT_DIR/environment.txt" 2>&1
+TOTAL=${TOTAL:-540}
+RESERVE=${RESERVE:-120}
+PRESET=${PRESET:-cifar10-r18-10min}
+PYTHON=${PYTHON:-python3}
 start=$(date +%s)
-# 1. Benchmarks (about 1 minute): augmentation, loss, training step at batch 256 and 512 vs the PIL DataLoader path.
-python run.py bench --steps 20 --out "$OUT_DIR/bench.json" 2>&1 | tee "$OUT_DIR/bench.log"
+mkdir -p "$OUT_DIR"
+work=$(mktemp -d)
+export PYTHONPATH=. PYTHONUNBUFFERED=1
+{ nvidia-smi || true; nproc; "$PYTHON" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" || true; } \
+  > "$OUT_DIR/environment.txt" 2>&1
+# 1. Benchmarks (about a minute): augmentation, loss, training step vs the PIL DataLoader path; TFLOPS, % of peak.
+# shellcheck disable=SC2086  # BENCH_FLAGS is a list of flags
+"$PYTHON" run.py bench --out "$OUT_DIR/bench.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT_DIR/bench.log"
 echo "bench: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/bench.log"
-# 2. The time-boxed run: pretraining fitted to BUDGET seconds, then its evaluation (about 1 minute more).
-#    A smaller t-SNE keeps the figures quick; the accuracies use the full train and test sets as always.
-python run.py --preset cifar10-r18 --time-budget "$BUDGET" --tsne-points 500 --no-progress \
-  --out "$OUT_DIR/cifar10-r18-${BUDGET}s" "$@" 2>&1 | tee "$OUT_DIR/cifar10-r18-${BUDGET}s.log"
-echo "total: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/cifar10-r18-${BUDGET}s.log"
-# the checkpoint is large and not needed back; the summary, metrics and figures are
-rm -f "$OUT_DIR"/*/checkpoint.pt
+# 2. The time-boxed run: pretraining fitted to what is left, then its evaluation. A smaller t-SNE keeps the figures
+#    quick; the accuracies use the full train and test sets as always.
+budget=$(( TOTAL - RESERVE - ($(date +%s) - start) ))
+budget=$(( budget < 30 ? 30 : budget ))  # a slow bench leaves at least half a minute of pretraining
+echo "pretraining budget: $budget s" | tee "$OUT_DIR/run.log"
+"$PYTHON" run.py --preset "$PRESET" --time-budget "$budget" --tsne-points 500 --no-progress --out "$work/$PRESET" "$@" \
+  2>&1 | tee -a "$OUT_DIR/run.log"
+# 3. The shipped encoder's folder (fp16 weights, results, sha256; SHIP=0 skips it, e.g. for ResNet-50, whose weights
+#    are over the folder's 25 MB), then everything in parts under 16 MiB.
+shipped=()
+if [ "${SHIP:-1}" = 1 ]; then
+  "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --out "$work/pretrained-cifar10-r18" 2>&1 | tee -a "$OUT_DIR/run.log"
+  shipped=(pretrained-cifar10-r18)
+fi
+rm -f "$work/$PRESET"/checkpoint*.pt
+tar -C "$work" -cf - "$PRESET" "${shipped[@]}" | split -b 15M -d - "$OUT_DIR/results.tar.part-"
+echo "total: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/run.log"
+rm -rf "$work"

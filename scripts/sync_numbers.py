@@ -19,6 +19,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from simclr_lib.config import PRESETS  # noqa: E402
 from simclr_lib.jobs import format_summary  # noqa: E402  (the very table `python run.py` prints)
 
 RESULTS = ROOT / "docs" / "results"
@@ -42,16 +43,28 @@ def quick_output() -> str:
     return "```\n" + format_summary(summary).strip("\n") + "\n```\n"
 
 
+# What others published for the same recipe (not measured here), shown beside our row of that preset.
+PUBLISHED = {"cifar10-r18": "about 91 % linear, 1000 epochs (official code)",
+             "cifar10-r18-10min": "84.8 % kNN, 200 epochs (lightly's benchmark)",
+             "seed-r50-bs256": "74.02 % linear, 400 epochs (seed repo); the paper: 83.9 %",
+             "seed-r50-bs512": "78.32 % linear, 400 epochs (seed repo); the paper: 84.2 %",
+             "paper-r50": "94.0 % linear, 1000 epochs (the paper, Appendix B.9)"}
+
+
 def results_table() -> str:
-    """One row per committed run folder with a summary.json and an eval.json."""
+    """One row per committed run folder with a summary.json and an eval.json; a run cut short by --time-budget says
+    how many of its preset's epochs it trained."""
     rows = ["| run | hardware | pretraining / total wall time | kNN top-1 | linear top-1 | same net at random init "
-            "(kNN / linear) |", "|---|---|---|---|---|---|"]
+            "(kNN / linear) | published for the recipe |", "|---|---|---|---|---|---|---|"]
     for folder in sorted(p for p in RESULTS.iterdir() if (p / "summary.json").is_file()):
         s, e = read(folder.name, "summary"), read(folder.name, "eval")
-        rows.append(f"| `{folder.name}`: `{s['preset']}`, {s['epochs']} epochs, batch {s['batch_size']} | "
+        full = PRESETS.get(s["preset"], {}).get("epochs", s["epochs"])
+        epochs = f"{s['epochs']} of {full} epochs" if s["epochs"] < full else f"{s['epochs']} epochs"
+        rows.append(f"| `{folder.name}`: `{s['preset']}`, {epochs}, batch {s['batch_size']} | "
                     f"{s['device']} | {s['pretrain_seconds']:.0f} s / {s['total_seconds']:.0f} s | "
                     f"{_pct(e['knn']['top1'])} | {_pct(e['linear']['top1'])} | "
-                    f"{_pct(e['knn']['random_init_top1'])} / {_pct(e['linear']['random_init_top1'])} |")
+                    f"{_pct(e['knn']['random_init_top1'])} / {_pct(e['linear']['random_init_top1'])} | "
+                    f"{PUBLISHED.get(s['preset'], '-')} |")
     return "\n".join(rows) + "\n"
 
 
@@ -89,9 +102,31 @@ def notebook_times() -> str:
     return "\n".join(rows) + f"\n\nMeasured on: {machines}.\n"
 
 
+def _gib(mib: float | None) -> str:
+    return "-" if mib is None else f"{mib / 1024:.1f} GiB"
+
+
+def gpu_bench() -> str:
+    """Training-step speed and peak memory per backbone and batch, from the `run.py bench` JSON files of GPU runs
+    in docs/results/gpu-bench/ (scripts/gpu_check.sh writes bench.json)."""
+    files = sorted((RESULTS / "gpu-bench").glob("*.json"))
+    if not files:
+        return "Not measured yet: no GPU bench file in `docs/results/gpu-bench/`.\n"
+    rows = ["| device | backbone | batch | views/s | TFLOPS (% of bf16 peak) | peak memory | per-image DataLoader "
+            "path |", "|---|---|---|---|---|---|---|"]
+    for path in files:
+        bench = json.loads(path.read_text())
+        for r in bench["train_step"]:
+            peak = f" ({r['fraction_of_peak']:.0%})" if r.get("fraction_of_peak") else ""
+            rows.append(f"| {bench['device']} | {r.get('backbone', 'resnet18')} | {r['batch_size']} | "
+                        f"{r['fast_views_per_s']:,.0f} | {r.get('fast_tflops', 0):.0f}{peak} | "
+                        f"{_gib(r['fast_peak_mb'])} | {r['dataloader_views_per_s']:,.0f} views/s |")
+    return "\n".join(rows) + "\n"
+
+
 GENERATORS: dict[str, Callable[[], str]] = {"quick-output": quick_output, "results-table": results_table,
                                             "label-fractions": label_fractions, "recipe-study": recipe_study,
-                                            "notebook-times": notebook_times}
+                                            "notebook-times": notebook_times, "gpu-bench": gpu_bench}
 
 
 def synced(text: str) -> str:

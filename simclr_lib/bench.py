@@ -253,7 +253,7 @@ def format_bench(result: dict[str, Any]) -> str:
         peak = f", {r['fraction_of_peak']:.0%} of peak" if r.get("fraction_of_peak") else ""
         name = r.get("backbone", "resnet18").replace("resnet", "R")
         rows.append((f"train step, views/s ({name} w{r['width']}, batch {r['batch_size']}{memory}, "
-                     f"{r['fast_tflops']:.1f} TFLOPS{peak})" if "fast_tflops" in r else
+                     f"{r['fast_tflops']:.3g} TFLOPS{peak})" if "fast_tflops" in r else
                      f"train step, views/s ({name} w{r['width']}, batch {r['batch_size']}{memory})",
                      f"{r['fast_views_per_s']:,.0f}", f"{r['dataloader_views_per_s']:,.0f} (PIL DataLoader, "
                      f"{r['workers']} workers)", f"{r['speedup']:.1f}x"))

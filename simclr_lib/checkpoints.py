@@ -119,7 +119,8 @@ def _as_model_checkpoint(state: Any, path: Path) -> dict[str, Any]:
 
 def resolve_checkpoint(source: str | Path, runs_root: str | Path = "runs", sha256: str | None = None) -> Path:
     """The checkpoint file `source` (a run folder, a file, or a URL downloaded once into runs/downloaded-<name>/)
-    names; with `sha256` it must have that digest (a mismatching download is deleted, to be fetched again)."""
+    names; with `sha256`, or a `<file>.sha256` beside it, it must have that digest (a mismatching download is
+    deleted, to be fetched again)."""
     text, url = str(source), urllib.parse.urlparse(str(source))
     if remote := url.scheme in ("http", "https", "file"):
         name = Path(urllib.parse.unquote(url.path)).name or CHECKPOINT
@@ -140,6 +141,9 @@ def resolve_checkpoint(source: str | Path, runs_root: str | Path = "runs", sha25
         if not path.is_file():
             raise UserError(f"no checkpoint at {path}: pass a run folder holding {CHECKPOINT}, a .pt file, "
                             "or an http(s)/file URL")
+    sidecar = path.with_name(path.name + ".sha256")  # e.g. the shipped encoder's checkpoint.pt.sha256
+    if sha256 is None and sidecar.is_file():
+        sha256 = sidecar.read_text().split()[0]
     if sha256 is not None and (actual := sha256_of(path)).lower() != sha256.lower():
         if remote:
             path.unlink()

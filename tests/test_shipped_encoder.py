@@ -1,0 +1,86 @@
+"""The shipped encoder's folder (runs/pretrained-cifar10-r18/, SPEC): scripts/ship_encoder.py makes it from a
+finished run, every command loads it and checks its sha256; the committed one, once there, loads and matches."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from simclr_lib.checkpoints import sha256_of
+from simclr_lib.cli import main
+from simclr_lib.errors import UserError
+from simclr_lib.models import SimCLR
+from simclr_lib.notebook import PRETRAINED
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "runs" / PRETRAINED
+_spec = importlib.util.spec_from_file_location("ship_encoder", ROOT / "scripts" / "ship_encoder.py")
+ship_encoder = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ship_encoder)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_folder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ship") / "run"
+    args = ["--dataset", "folder", "--data-root", str(tiny_folder), "--out", str(out), "--epochs", "2",
+            "--batch-size", "16", "--width", "4", "--train-subset", "64", "--probe-epochs", "2", "--knn-k", "5",
+            "--knn-every", "0", "--tsne-points", "12", "--no-progress", "--device", "cpu"]
+    assert main(args) == 0
+    return out
+
+
+def test_shipping_a_run_gives_an_fp16_folder_that_every_command_loads(finished_run, tmp_path, capsys):
+    folder = ship_encoder.ship(finished_run, tmp_path / PRETRAINED)
+    names = {p.name for p in folder.iterdir()}
+    assert {"checkpoint.pt", "checkpoint.pt.sha256", "config.json", "summary.json", "eval.json",
+            "metrics.jsonl", "figures"} <= names
+    digest, name = (folder / "checkpoint.pt.sha256").read_text().split()
+    assert name == "checkpoint.pt" and digest == sha256_of(folder / "checkpoint.pt")
+    state = torch.load(folder / "checkpoint.pt", weights_only=True)
+    assert "optimizer" not in state and state["model"]["encoder.conv1.weight"].dtype == torch.float16
+    # the same representations as the run's own weights, up to fp16 rounding
+    images = torch.randint(0, 256, (6, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    ours, theirs = SimCLR.from_checkpoint(folder).eval(), SimCLR.from_checkpoint(finished_run).eval()
+    with torch.no_grad():
+        assert torch.allclose(ours.encode(images), theirs.encode(images), atol=2e-2, rtol=2e-2)
+    data = str(json.loads((folder / "config.json").read_text())["data_root"])
+    assert main(["export", str(folder), "--out", str(tmp_path / "encoder.pt")]) == 0
+    assert main(["embed", str(folder), data, "--out", str(tmp_path / "h.npy"), "--no-progress"]) == 0
+    assert main(["tsne", str(folder), "--tsne-points", "12"]) == 0
+    assert main(["evaluate", str(folder), "--label-fractions", "", "--probe-epochs", "2", "--no-progress"]) == 0
+    # nothing the folder shipped with was overwritten: new results go beside it
+    assert (folder / "eval-2.json").is_file() and (folder / "figures" / "tsne-2.png").is_file()
+    assert sha256_of(folder / "eval.json") == sha256_of(finished_run / "eval.json")
+
+
+def test_a_shipped_checkpoint_that_does_not_match_its_sha256_is_refused(finished_run, tmp_path):
+    folder = ship_encoder.ship(finished_run, tmp_path / PRETRAINED)
+    blob = bytearray((folder / "checkpoint.pt").read_bytes())
+    blob[-100] ^= 0xFF
+    (folder / "checkpoint.pt").write_bytes(bytes(blob))
+    with pytest.raises(UserError, match="sha256"):
+        SimCLR.from_checkpoint(folder)
+
+
+def test_shipping_never_overwrites_and_needs_a_finished_run(finished_run, tmp_path):
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(UserError, match="already exists"):
+        ship_encoder.ship(finished_run, tmp_path / "taken")
+    with pytest.raises(UserError, match="not a finished run"):
+        ship_encoder.ship(tmp_path / "taken", tmp_path / "new")
+    with pytest.raises(UserError, match="over the 0 MB limit"):
+        ship_encoder.ship(finished_run, tmp_path / "big", max_bytes=1000)
+    assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.skipif(not SHIPPED.is_dir(), reason="no encoder has been shipped yet (it is trained on a GPU)")
+def test_the_committed_shipped_encoder_matches_its_sha256_and_loads():
+    digest = (SHIPPED / "checkpoint.pt.sha256").read_text().split()[0]
+    assert sha256_of(SHIPPED / "checkpoint.pt") == digest
+    assert ship_encoder.folder_bytes(SHIPPED) <= ship_encoder.MAX_BYTES
+    summary = json.loads((SHIPPED / "summary.json").read_text())
+    assert {"knn_top1", "linear_top1", "device"} <= summary.keys() and (SHIPPED / "eval.json").is_file()
+    model = SimCLR.from_checkpoint(SHIPPED)
+    assert model.arch["backbone"] == "resnet18" and model.arch["width"] == 64

@@ -190,10 +190,12 @@ def _finish_run(model: SimCLR, config: Config, splits: DatasetSplits, n_pretrain
 def _write_summary(config: Config, n_pretrain: int, run_dir: Path, device: torch.device, metrics: list[dict],
                    timing: dict[str, float], accuracies: dict[str, Any]) -> dict[str, Any]:
     """summary.json (the recipe, hardware, accuracies and times), printed as a short table."""
+    epochs = [r for r in metrics if r.get("kind") == "epoch"]
     summary = {"preset": config.preset, "dataset": config.dataset, "backbone": config.backbone, "width": config.width,
                "epochs": config.epochs, "batch_size": config.batch_size, "optimizer": config.optimizer,
                "temperature": config.temperature, "pretrain_images": n_pretrain, "device": device_description(device),
-               **accuracies, "pretrain_seconds": sum(r["seconds"] for r in metrics if r.get("kind") == "epoch"),
+               **accuracies, "pretrain_seconds": sum(r["seconds"] for r in epochs),
+               "knn_monitor_seconds": sum(r.get("knn_monitor_seconds", 0.0) for r in epochs),
                "pretrain_wall_seconds_this_session": timing["pretrain_wall_seconds_this_session"],
                "total_seconds": time.perf_counter() - timing["t_start"], "run_dir": str(run_dir)}
     write_json(run_dir / "summary.json", summary)

@@ -396,7 +396,9 @@ class Pretraining:
                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": self.seconds, "views_per_s": self.views_per_s}
         # knn_every 0 monitors only after the last epoch.
         if self.info.is_main and self.splits.labelled and (done == self.config.epochs or (every and done % every == 0)):
+            t0 = time.perf_counter()
             record["knn_monitor_top1"] = knn_monitor(self.model, self.splits, self.config, self.device)
+            record["knn_monitor_seconds"] = time.perf_counter() - t0  # its cost beside the epoch's `seconds`
         self.history.append(record)
         self.log(record)
         self.seconds_before += self.seconds

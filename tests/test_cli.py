@@ -37,6 +37,7 @@ def test_end_to_end_run_writes_every_file(tiny_folder, tmp_path, capsys):
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in records if r["kind"] == "epoch"]
     assert [r["epoch"] for r in epochs] == [1, 2] and all("knn_monitor_top1" in r for r in epochs)
+    assert summary["knn_monitor_seconds"] == pytest.approx(sum(r["knn_monitor_seconds"] for r in epochs))
     steps = [r for r in records if r["kind"] == "step"]
     assert steps[-1]["step"] == 8 and steps[0]["lr"] > 0  # 64 images / batch 16 = 4 steps per epoch
     assert all(0 <= r["contrastive_acc"] <= 1 for r in steps)

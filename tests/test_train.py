@@ -157,6 +157,7 @@ def test_knn_every_0_monitors_after_the_last_epoch_only(tmp_path):
     pretrain(tiny_config(knn_every=0, epochs=3), splits, splits.pretrain, tmp_path, progress=False)
     epochs = [r for r in read_metrics(tmp_path / "metrics.jsonl") if r["kind"] == "epoch"]
     assert ["knn_monitor_top1" in r for r in epochs] == [False, False, True]
+    assert epochs[-1]["knn_monitor_seconds"] > 0  # what the monitor cost, to set beside the epoch's seconds
 
 
 @pytest.mark.parametrize("every, kept", [(0.0, ["checkpoint-epoch0001.pt", "checkpoint-epoch0002.pt"]),

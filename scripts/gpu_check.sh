@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The one prepared GPU job (one H100/H200, at most TOTAL = 540 s in all): `run.py bench` (ResNet-18, batch 256 and
-# 512, bf16), then the PRESET (cifar10-r18-10min) with --time-budget filling what is left and evaluated as usual
-# (full-test-set kNN + linear probe), then the shipped encoder's folder made from it (scripts/ship_encoder.py).
+# The one prepared GPU job (one H100/H200, about TOTAL = 540 s in all; the run is stopped at TOTAL + 30 s):
+# `run.py bench` (ResNet-18, batch 256 and 512, bf16), then the PRESET (cifar10-r18-10min) with --time-budget
+# filling what is left and evaluated as usual (full-test-set kNN + linear probe), then the shipped encoder's folder
+# made from it (scripts/ship_encoder.py).
 # Usage: bash scripts/gpu_check.sh [OUT_DIR [EXTRA RUN.PY FLAGS]]   (OUT_DIR default: $OUT, else gpu_check/)
 # Settings (environment): TOTAL (540), RESERVE (seconds kept for loading, evaluation and packing: 120),
 #   PRESET (cifar10-r18-10min), PYTHON (python3), SHIP (1: make the shipped folder; 0 for ResNet-50),
@@ -21,6 +22,19 @@ start=$(date +%s)
 mkdir -p "$OUT_DIR"
 work=$(mktemp -d)
 export PYTHONPATH=. PYTHONUNBUFFERED=1
+# Whatever happens (a failed step, a NaN, the time cap), what exists is packed on the way out: the run folder
+# without its checkpoints (their fp16 weights when nothing was shipped), and the shipped folder, in parts < 16 MiB.
+pack() {
+  if [ -f "$work/$PRESET/checkpoint.pt" ] && [ ! -e "$work/pretrained-cifar10-r18" ]; then  # keep its weights
+    "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --weights-only "$work/$PRESET/weights-fp16.pt" || true
+  fi
+  rm -f "$work/$PRESET"/checkpoint*.pt
+  names=(); for name in "$PRESET" pretrained-cifar10-r18; do [ -e "$work/$name" ] && names+=("$name"); done
+  if [ ${#names[@]} -gt 0 ]; then tar -C "$work" -cf - "${names[@]}" | split -b 15M -d - "$OUT_DIR/results.tar.part-"; fi
+  echo "total: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/run.log"
+  rm -rf "$work"
+}
+trap pack EXIT
 { nvidia-smi || true; nproc; "$PYTHON" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" || true; } \
   > "$OUT_DIR/environment.txt" 2>&1
 # 1. Benchmarks (about a minute): augmentation, loss, training step vs the PIL DataLoader path; TFLOPS, % of peak.
@@ -32,16 +46,14 @@ echo "bench: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/bench.log"
 budget=$(( TOTAL - RESERVE - ($(date +%s) - start) ))
 budget=$(( budget < 30 ? 30 : budget ))  # a slow bench leaves at least half a minute of pretraining
 echo "pretraining budget: $budget s" | tee "$OUT_DIR/run.log"
-"$PYTHON" run.py --preset "$PRESET" --time-budget "$budget" --tsne-points 500 --no-progress --out "$work/$PRESET" "$@" \
+# The run is stopped (SIGTERM: it checkpoints and exits) 30 s after TOTAL, before the device tool's 600 s cap.
+timeout "$(( TOTAL + 30 - ($(date +%s) - start) ))" \
+  "$PYTHON" run.py --preset "$PRESET" --time-budget "$budget" --tsne-points 500 --no-progress --out "$work/$PRESET" "$@" \
   2>&1 | tee -a "$OUT_DIR/run.log"
 # 3. The shipped encoder's folder (fp16 weights, results, sha256; SHIP=0 skips it, e.g. for ResNet-50, whose weights
-#    are over the folder's 25 MB), then everything in parts under 16 MiB.
-shipped=()
+#    are over the folder's 25 MB). Over 25 MB it is still made, up to 64 MB, so the weights come back to be trimmed.
 if [ "${SHIP:-1}" = 1 ]; then
-  "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --out "$work/pretrained-cifar10-r18" 2>&1 | tee -a "$OUT_DIR/run.log"
-  shipped=(pretrained-cifar10-r18)
+  "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --out "$work/pretrained-cifar10-r18" 2>&1 | tee -a "$OUT_DIR/run.log" \
+    || "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --out "$work/pretrained-cifar10-r18" --max-mb 64 2>&1 \
+    | tee -a "$OUT_DIR/run.log"
 fi
-rm -f "$work/$PRESET"/checkpoint*.pt
-tar -C "$work" -cf - "$PRESET" "${shipped[@]}" | split -b 15M -d - "$OUT_DIR/results.tar.part-"
-echo "total: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/run.log"
-rm -rf "$work"

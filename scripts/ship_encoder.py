@@ -24,7 +24,8 @@ from simclr_lib.checkpoints import CHECKPOINT, load_checkpoint, sha256_of  # noq
 from simclr_lib.errors import UserError  # noqa: E402
 
 RESULTS = ("config.json", "summary.json", "eval.json")  # the contract (SPEC); the rest is copied when there
-EXTRAS = ("metrics.jsonl", "report.md")
+# run.ipynb draws the curves and the confusion matrix from metrics.jsonl and eval.json, and shows these two images
+EXTRAS = ("metrics.jsonl", "report.md", "figures/tsne.png", "figures/retrieval.png")
 MAX_BYTES = 25_000_000  # the shipped folder's limit (SPEC: at most 25 MB in all)
 
 
@@ -56,9 +57,8 @@ def ship(run_dir: str | Path, out: str | Path, max_bytes: int = MAX_BYTES) -> Pa
         (staged / f"{CHECKPOINT}.sha256").write_text(f"{sha256_of(staged / CHECKPOINT)}  {CHECKPOINT}\n")
         for name in (*RESULTS, *EXTRAS):
             if (run_dir / name).is_file():
+                (staged / name).parent.mkdir(exist_ok=True)
                 shutil.copy2(run_dir / name, staged / name)
-        if (run_dir / "figures").is_dir():
-            shutil.copytree(run_dir / "figures", staged / "figures")
         if (size := folder_bytes(staged)) > max_bytes:
             raise UserError(f"the folder would hold {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit")
         staged.rename(out)
@@ -69,9 +69,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="a finished run folder (checkpoint.pt, config.json, summary.json, eval.json)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "pretrained-cifar10-r18"), help="the folder to make")
+    parser.add_argument("--max-mb", type=float, default=MAX_BYTES / 1e6, help="refuse a larger folder (MB)")
+    parser.add_argument("--weights-only", metavar="FILE", help="only write the fp16 weights of RUN_DIR's checkpoint "
+                        "to FILE (e.g. of a run that did not finish)")
     args = parser.parse_args(argv)
     try:
-        out = ship(args.run_dir, args.out)
+        if args.weights_only:
+            torch.save(slim_checkpoint(load_checkpoint(Path(args.run_dir) / CHECKPOINT)), args.weights_only)
+            print(f"wrote {args.weights_only}")
+            return 0
+        out = ship(args.run_dir, args.out, int(args.max_mb * 1e6))
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

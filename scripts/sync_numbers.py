@@ -52,14 +52,17 @@ PUBLISHED = {"cifar10-r18": "about 91 % linear, 1000 epochs (official code)",
 
 
 def results_table() -> str:
-    """One row per committed run folder with a summary.json and an eval.json; a run cut short by --time-budget says
+    """One row per committed run folder with a summary.json and an eval.json; a run fitted to a --time-budget says
     how many of its preset's epochs it trained."""
     rows = ["| run | hardware | pretraining / total wall time | kNN top-1 | linear top-1 | same net at random init "
             "(kNN / linear) | published for the recipe |", "|---|---|---|---|---|---|---|"]
     for folder in sorted(p for p in RESULTS.iterdir() if (p / "summary.json").is_file()):
         s, e = read(folder.name, "summary"), read(folder.name, "eval")
+        budget = (json.loads(config.read_text()).get("time_budget") if (config := folder / "config.json").is_file()
+                  else None)
         full = PRESETS.get(s["preset"], {}).get("epochs", s["epochs"])
-        epochs = f"{s['epochs']} of {full} epochs" if s["epochs"] < full else f"{s['epochs']} epochs"
+        epochs = (f"{s['epochs']} of {full} epochs (all that fit {budget:.0f} s)" if budget and s["epochs"] < full
+                  else f"{s['epochs']} epochs")
         rows.append(f"| `{folder.name}`: `{s['preset']}`, {epochs}, batch {s['batch_size']} | "
                     f"{s['device']} | {s['pretrain_seconds']:.0f} s / {s['total_seconds']:.0f} s | "
                     f"{_pct(e['knn']['top1'])} | {_pct(e['linear']['top1'])} | "
@@ -112,7 +115,7 @@ def gpu_bench() -> str:
     files = sorted((RESULTS / "gpu-bench").glob("*.json"))
     if not files:
         return "Not measured yet: no GPU bench file in `docs/results/gpu-bench/`.\n"
-    rows = ["| device | backbone | batch | views/s | TFLOPS (% of bf16 peak) | peak memory | per-image DataLoader "
+    rows = ["| device | backbone | batch | views/s | TFLOPS (% of tensor peak) | peak memory | per-image DataLoader "
             "path |", "|---|---|---|---|---|---|---|"]
     for path in files:
         bench = json.loads(path.read_text())

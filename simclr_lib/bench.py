@@ -115,8 +115,8 @@ def bench_loss(device: torch.device, n: int = 1024, dim: int = 128, repeat: int 
 
 # Dense half-precision tensor-core peaks (bf16; fp16 on T4 and V100, which have no bf16), in TFLOPS, from the
 # vendor data sheets; matched in this order against the CUDA device name.
-TENSOR_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("GH200", 989.4), ("A100", 312.0),
-                      ("L40S", 362.1), ("L4", 121.0), ("T4", 65.0), ("V100", 125.0))
+TENSOR_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0),
+                      ("L40S", 362.1), ("L40", 181.0), ("L4", 121.0), ("T4", 65.0), ("V100", 125.0))
 
 
 def tensor_peak_tflops(device_name: str) -> float | None:
@@ -207,7 +207,8 @@ def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), wid
     width = width if width is not None else (64 if on_gpu else 8)
     steps = steps if steps is not None else (30 if on_gpu else 4)
     workers = workers if workers is not None else min(os.cpu_count() or 1, 16)
-    need = max(augment_batch, 2 * max(batch_sizes))  # both paths go round the images as often as they need
+    # Both paths go round the images as often as they need; 8 batches keep the DataLoader's epoch ends rare.
+    need = max(augment_batch, 8 * max(batch_sizes))
     try:  # CIFAR-10 train images if they are on disk, else seeded random ones (speed does not depend on content)
         images = load_splits("cifar10", data_root, None, download=False).train.images
         data_note = f"CIFAR-10 train ({len(images)} images)"

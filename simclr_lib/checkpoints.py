@@ -143,7 +143,8 @@ def resolve_checkpoint(source: str | Path, runs_root: str | Path = "runs", sha25
                             "or an http(s)/file URL")
     sidecar = path.with_name(path.name + ".sha256")  # e.g. the shipped encoder's checkpoint.pt.sha256
     if sha256 is None and sidecar.is_file():
-        sha256 = sidecar.read_text().split()[0]
+        if not (sha256 := next(iter(sidecar.read_text().split()), None)):
+            raise UserError(f"{sidecar} is empty: restore it (git checkout) or delete it to load {path} unchecked")
     if sha256 is not None and (actual := sha256_of(path)).lower() != sha256.lower():
         if remote:
             path.unlink()

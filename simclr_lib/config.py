@@ -94,7 +94,8 @@ class Config:
     workers: int = _f(4, "DataLoader worker processes when streaming", **_at_least(0))
     sync_bn: bool = _f(True, "with torchrun: BatchNorm statistics over the global batch (the paper's global BN)")
     checkpoint_every: float = _f(300.0, "seconds between checkpoints, written at the first epoch end after (0: every "
-                                        "epoch); the last epoch and SIGINT/SIGTERM always write one", **_at_least(0))
+                                        "epoch); the first and last epochs and SIGINT/SIGTERM always write one",
+                                 **_at_least(0))
     keep: int = _f(0, "older checkpoints kept beside checkpoint.pt (checkpoint-epochNNNN.pt), 0 for none",
                    **_at_least(0))
     log_every: int = _f(20, "log the loss every this many steps", **_at_least(1))
@@ -164,7 +165,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                   lr=1.0, lr_scaling="linear", weight_decay=1e-6, warmup_epochs=1, temperature=0.5,
                   knn_every=4, probe_epochs=30, knn_monitor_size=5000, finetune_epochs=15),
     # The official SimCLR single-GPU CIFAR-10 command (about 91 % linear eval after 1000 epochs), with the official
-    # code's projection head: BatchNorm after both layers.
+    # v1 code's projection head: two layers, BatchNorm after both (v2's code defaults to three layers).
     "cifar10-r18": dict(backbone="resnet18", epochs=1000, batch_size=512, optimizer="lars", lr=1.0,
                         lr_scaling="linear", weight_decay=1e-4, warmup_epochs=10, temperature=0.5, knn_every=10,
                         proj_batch_norm="all"),

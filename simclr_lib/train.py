@@ -216,9 +216,9 @@ def check_pretraining_data(n: int, config: Config, world_size: int = 1) -> None:
 
 class Pretraining:
     """Everything one pretraining run holds: model, optimiser, schedule, batches, log, checkpoints and progress.
-    Every random draw is a function of (seed, epoch, step), so resuming from a checkpoint (written at an epoch end
-    every checkpoint_every seconds and after the last epoch, and mid-epoch when SIGINT/SIGTERM asks the run to stop)
-    continues exactly as if the run had never stopped."""
+    Every random draw is a function of (seed, epoch, step), so resuming from a checkpoint (written after the first
+    epoch, then at an epoch end every checkpoint_every seconds and after the last epoch, and mid-epoch when
+    SIGINT/SIGTERM asks the run to stop) continues exactly as if the run had never stopped."""
 
     def __init__(self, config: Config, splits: DatasetSplits, data: ImageData, run_dir: Path) -> None:
         self.info = info = distributed.current()
@@ -246,7 +246,9 @@ class Pretraining:
         self.history: list[dict[str, Any]] = []
         # Pretraining seconds of the finished epochs; views/s of the last epoch's steps in this session.
         self.seconds_before, self.views_per_s = 0.0, 0.0
-        self.last_write = time.perf_counter()  # checkpoints every config.checkpoint_every seconds, not every epoch
+        # the first epoch always writes one (--resume then has something to continue); later ones every
+        # config.checkpoint_every seconds
+        self.last_write = -math.inf
 
     def _schedule(self) -> WarmupCosineSchedule:
         spe, config = self.steps_per_epoch, self.config
@@ -261,6 +263,9 @@ class Pretraining:
     def restore(self) -> None:
         """Continue from the run folder's checkpoint: weights, optimiser, schedule, position and the global RNG."""
         state = load_checkpoint(self.checkpoints.path)
+        if "optimizer" not in state:
+            raise UserError(f"{self.checkpoints.path} holds weights only (a shipped or exported encoder), not a run "
+                            "to continue: start a new run, or evaluate it with `run.py evaluate`")
         load_model_state(self.model, state["model"], source=str(self.checkpoints.path))
         self.optimizer.load_state_dict(state["optimizer"])
         self.step_fn.schedule.load_state_dict(state["schedule"])

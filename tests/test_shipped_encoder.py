@@ -3,6 +3,8 @@ finished run, every command loads it and checks its sha256; the committed one, o
 
 import importlib.util
 import json
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,33 @@ def test_a_shipped_checkpoint_that_does_not_match_its_sha256_is_refused(finished
     (folder / "checkpoint.pt").write_bytes(bytes(blob))
     with pytest.raises(UserError, match="sha256"):
         SimCLR.from_checkpoint(folder)
+
+
+def test_a_shipped_folder_cannot_be_resumed_and_an_empty_sha256_file_is_one_clear_error(finished_run, tmp_path,
+                                                                                         capsys):
+    folder = ship_encoder.ship(finished_run, tmp_path / PRETRAINED)
+    assert main(["--resume", "--out", str(folder), "--no-progress"]) == 2
+    assert "holds weights only" in capsys.readouterr().err
+    (folder / "checkpoint.pt.sha256").write_text("\n")
+    assert main(["export", str(folder), "--out", str(tmp_path / "e.pt")]) == 2
+    assert "is empty" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(shutil.which("git") is None or not (ROOT / ".git").exists(), reason="needs the git checkout")
+def test_git_tracks_what_ship_writes_and_ignores_what_evaluating_the_shipped_folder_adds():
+    shipped = ["checkpoint.pt", "checkpoint.pt.sha256", "config.json", "summary.json", "eval.json", "metrics.jsonl",
+               "report.md", "figures/tsne.png", "figures/retrieval.png"]
+    later = ["eval-2.json", "report-2.md", "transfer-stl10.json", "checkpoint.pt.tmp", "h.npy",
+             "figures/tsne-2.png", "figures/label_fractions.png", "figures/transfer-stl10/confusion_matrix.png"]
+    paths = [f"runs/{PRETRAINED}/{name}" for name in shipped + later]
+    result = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True)
+    assert sorted(result.stdout.split()) == sorted(f"runs/{PRETRAINED}/{name}" for name in later)
+
+
+def test_weights_only_keeps_the_fp16_weights_of_a_run(finished_run, tmp_path):
+    # what scripts/gpu_check.sh keeps of a run that did not finish, to bring back under the size limit
+    assert ship_encoder.main([str(finished_run), "--weights-only", str(tmp_path / "w.pt")]) == 0
+    assert SimCLR.from_checkpoint(tmp_path / "w.pt").encoder.conv1.weight.shape[0] == 4
 
 
 def test_shipping_never_overwrites_and_needs_a_finished_run(finished_run, tmp_path):

@@ -115,3 +115,20 @@ def test_exercise_verdicts(capsys):
     assert "E1: correct." in out and "not attempted yet" in out and "not yet. square 2 to get 4" in out
     with pytest.raises(AssertionError):  # CI: a wrong solution fails the notebook
         exercise("E1", todo, lambda x: x, check, smoke=True)
+
+
+def test_a_wide_encoder_on_a_cpu_sees_class_balanced_subsets(capsys):
+    from simclr_lib.data import DatasetSplits, ImageData
+    from simclr_lib.notebook import cpu_subsets
+
+    labels = torch.arange(400) % 4
+    data = ImageData(torch.zeros(400, 3, 8, 8, dtype=torch.uint8), labels, ["a", "b", "c", "d"])
+    splits = DatasetSplits("cifar10", data, data, data, (0.5,) * 3, (0.25,) * 3, "generated")
+    wide, narrow = SimCLR(width=32), SimCLR(width=8)
+    cut, was_cut = cpu_subsets(splits, wide, torch.device("cpu"), 0, train=100, test=40)
+    assert was_cut and (len(cut.train), len(cut.test)) == (100, 40)
+    assert "subsets of 100 train" in capsys.readouterr().out
+    assert torch.bincount(cut.train.labels).tolist() == [25] * 4
+    assert torch.bincount(cut.test.labels).tolist() == [10] * 4
+    for model, device in ((narrow, torch.device("cpu")), (wide, torch.device("cuda"))):  # a narrow one; a GPU
+        assert cpu_subsets(splits, model, device, 0, train=100, test=40) == (splits, False)

@@ -45,11 +45,12 @@ SMOKE_OVERRIDES: dict[str, Any] = dict(train_subset=512, epochs=1, batch_size=12
                                        finetune_epochs=1, finetune_min_steps=0, log_every=1)
 
 
-def finished_runs(runs_root: str | Path, prefix: str = "") -> list[Path]:
-    """Your CIFAR-10 run folders under `runs_root` (names starting with `prefix`; not the shipped encoder) that
-    finished: checkpoint.pt and summary.json, most recent first (the notebooks study CIFAR-10)."""
-    runs = [d for d in Path(runs_root).glob(f"{prefix}*") if (d / "checkpoint.pt").is_file()
-            and (d / "summary.json").is_file() and d.name != PRETRAINED
+def finished_runs(runs_root: str | Path, smoke: bool = False) -> list[Path]:
+    """Your CIFAR-10 run folders under `runs_root` that finished (checkpoint.pt and summary.json), most recent
+    first: the smoke runs (smoke-*) with smoke=True, else the others, never the shipped encoder (the notebooks study
+    CIFAR-10, and a full run must not pick up a tiny smoke run)."""
+    runs = [d for d in Path(runs_root).glob("*") if (d / "checkpoint.pt").is_file()
+            and (d / "summary.json").is_file() and d.name != PRETRAINED and d.name.startswith("smoke-") == smoke
             and json.loads((d / "summary.json").read_text()).get("dataset", "cifar10") == "cifar10"]
     return sorted(runs, key=lambda d: (d / "summary.json").stat().st_mtime, reverse=True)
 
@@ -65,7 +66,7 @@ def ensure_trained_run(run_dir: str | Path | None, data_root: str | Path, device
         print(f"using the trained run in {run_dir} (RUN_DIR)")
         return Path(run_dir)
     if run_dir is None:
-        found = finished_runs(runs_root, "smoke-" if smoke else "")
+        found = finished_runs(runs_root, smoke)
         shipped = runs_root / PRETRAINED
         if found:
             print(f"using the most recent finished run in runs/: {found[0]} (set RUN_DIR to choose another)")

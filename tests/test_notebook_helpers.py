@@ -42,7 +42,7 @@ def test_without_run_dir_the_most_recent_finished_run_is_used_and_named(tmp_path
     fake_run(runs / "quick-3", finished=False)  # interrupted: no summary.json
     os.utime(old / "summary.json", (2e9, 2e9))  # finished last
     smoke = fake_run(runs / "smoke-1")
-    os.utime(smoke / "summary.json", (1e9, 1e9))
+    os.utime(smoke / "summary.json", (2.5e9, 2.5e9))  # the newest, but a smoke run
     assert ensure_trained_run(None, tmp_path, runs_root=runs) == old
     assert "most recent finished run" in capsys.readouterr().out
     # SMOKE (CI) only reuses smoke runs, so it never evaluates a big run by accident
@@ -57,6 +57,7 @@ def test_without_run_dir_the_most_recent_finished_run_is_used_and_named(tmp_path
 
 def test_the_shipped_encoder_comes_before_training(tmp_path, capsys):
     shipped = fake_run(tmp_path / "runs" / "pretrained-cifar10-r18")
+    fake_run(tmp_path / "runs" / "smoke-1")  # a SMOKE run left by CI or a first look does not count
     assert ensure_trained_run(None, tmp_path, runs_root=tmp_path / "runs") == shipped
     assert "shipped pretrained encoder" in capsys.readouterr().out
 

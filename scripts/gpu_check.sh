@@ -5,7 +5,8 @@
 # made from it (scripts/ship_encoder.py).
 # Usage: bash scripts/gpu_check.sh [OUT_DIR [EXTRA RUN.PY FLAGS]]   (OUT_DIR default: $OUT, else gpu_check/)
 # Settings (environment): TOTAL (540), RESERVE (seconds kept for loading, evaluation and packing: 120),
-#   PRESET (cifar10-r18-10min), PYTHON (python3), SHIP (1: make the shipped folder; 0 for ResNet-50),
+#   PRESET (cifar10-r18-10min), PYTHON (python3), SHIP (1: make the shipped folder; 0 for ResNet-50), FINETUNE
+#   (0; 1: add label-fraction fine-tuning to the shipped eval.json, about a minute or two more; EVAL_FLAGS for it),
 #   BENCH_FLAGS (e.g. "--backbone resnet50 --batch-sizes 256,512,1024").
 # Needs CIFAR-10 under data/ (e.g. the staged data/cifar10-jpeg.tar.gz); runs from source, nothing installed.
 # Writes at most 8 files to OUT_DIR (the device tool brings back 8, each under 16 MiB): environment.txt, bench.json,
@@ -52,8 +53,18 @@ timeout "$(( TOTAL + 30 - ($(date +%s) - start) ))" \
   2>&1 | tee -a "$OUT_DIR/run.log"
 # 3. The shipped encoder's folder (fp16 weights, results, sha256; SHIP=0 skips it, e.g. for ResNet-50, whose weights
 #    are over the folder's 25 MB). Over 25 MB it is still made, up to 64 MB, so the weights come back to be trimmed.
-if [ "${SHIP:-1}" = 1 ]; then
-  "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --out "$work/pretrained-cifar10-r18" 2>&1 | tee -a "$OUT_DIR/run.log" \
-    || "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --out "$work/pretrained-cifar10-r18" --max-mb 64 2>&1 \
+# FINETUNE=1 first adds label-fraction fine-tuning (1 % and 10 %, vs supervised) with `run.py evaluate`, whose
+# eval-2.json is then shipped as eval.json (notebook 05 shows it on CPUs, where fine-tuning would take hours).
+ship_flags=()
+if [ "${FINETUNE:-0}" = 1 ]; then
+  # shellcheck disable=SC2086  # EVAL_FLAGS is a list of flags
+  "$PYTHON" run.py evaluate "$work/$PRESET" --label-fractions 1,10 --no-progress ${EVAL_FLAGS:-} 2>&1 \
     | tee -a "$OUT_DIR/run.log"
+  ship_flags=(--eval "$work/$PRESET/eval-2.json")
+fi
+if [ "${SHIP:-1}" = 1 ]; then
+  "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --out "$work/pretrained-cifar10-r18" "${ship_flags[@]}" 2>&1 \
+    | tee -a "$OUT_DIR/run.log" \
+    || "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --out "$work/pretrained-cifar10-r18" --max-mb 64 \
+    "${ship_flags[@]}" 2>&1 | tee -a "$OUT_DIR/run.log"
 fi

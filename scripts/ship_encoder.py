@@ -41,8 +41,9 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def ship(run_dir: str | Path, out: str | Path, max_bytes: int = MAX_BYTES) -> Path:
-    """Write the shipped folder `out` from the finished run `run_dir`; refuse to overwrite or to exceed max_bytes."""
+def ship(run_dir: str | Path, out: str | Path, max_bytes: int = MAX_BYTES, eval_file: str | Path | None = None) -> Path:
+    """Write the shipped folder `out` from the finished run `run_dir`; refuse to overwrite or to exceed max_bytes.
+    `eval_file` (e.g. the eval-2.json of `run.py evaluate --label-fractions 1,10`) is shipped as eval.json."""
     run_dir, out = Path(run_dir), Path(out)
     if out.exists():
         raise UserError(f"{out} already exists: remove it first or choose another --out")
@@ -59,6 +60,8 @@ def ship(run_dir: str | Path, out: str | Path, max_bytes: int = MAX_BYTES) -> Pa
             if (run_dir / name).is_file():
                 (staged / name).parent.mkdir(exist_ok=True)
                 shutil.copy2(run_dir / name, staged / name)
+        if eval_file is not None:
+            shutil.copy2(eval_file, staged / "eval.json")
         if (size := folder_bytes(staged)) > max_bytes:
             raise UserError(f"the folder would hold {size / 1e6:.1f} MB, over the {max_bytes / 1e6:.0f} MB limit")
         staged.rename(out)
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", help="a finished run folder (checkpoint.pt, config.json, summary.json, eval.json)")
     parser.add_argument("--out", default=str(ROOT / "runs" / "pretrained-cifar10-r18"), help="the folder to make")
     parser.add_argument("--max-mb", type=float, default=MAX_BYTES / 1e6, help="refuse a larger folder (MB)")
+    parser.add_argument("--eval", metavar="FILE", help="ship FILE as eval.json (e.g. the run's eval-2.json from "
+                        "`run.py evaluate --label-fractions 1,10`, which adds fine-tuning results)")
     parser.add_argument("--weights-only", metavar="FILE", help="only write the fp16 weights of RUN_DIR's checkpoint "
                         "to FILE (e.g. of a run that did not finish)")
     args = parser.parse_args(argv)
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(slim_checkpoint(load_checkpoint(Path(args.run_dir) / CHECKPOINT)), args.weights_only)
             print(f"wrote {args.weights_only}")
             return 0
-        out = ship(args.run_dir, args.out, int(args.max_mb * 1e6))
+        out = ship(args.run_dir, args.out, int(args.max_mb * 1e6), args.eval)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -87,6 +87,14 @@ def test_git_tracks_what_ship_writes_and_ignores_what_evaluating_the_shipped_fol
     assert sorted(result.stdout.split()) == sorted(f"runs/{PRETRAINED}/{name}" for name in later)
 
 
+def test_another_eval_file_is_shipped_as_eval_json(finished_run, tmp_path):
+    # e.g. the eval-2.json of `run.py evaluate --label-fractions 1,10`, with fine-tuning results for notebook 05
+    other = tmp_path / "eval-2.json"
+    other.write_text('{"finetune": {"1": {"top1": 50.0}}}')
+    folder = ship_encoder.ship(finished_run, tmp_path / PRETRAINED, eval_file=other)
+    assert (folder / "eval.json").read_text() == other.read_text()
+
+
 def test_weights_only_keeps_the_fp16_weights_of_a_run(finished_run, tmp_path):
     # what scripts/gpu_check.sh keeps of a run that did not finish, to bring back under the size limit
     assert ship_encoder.main([str(finished_run), "--weights-only", str(tmp_path / "w.pt")]) == 0

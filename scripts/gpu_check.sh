@@ -11,7 +11,8 @@
 # Needs CIFAR-10 under data/ (e.g. the staged data/cifar10-jpeg.tar.gz); runs from source, nothing installed.
 # Writes at most 8 files to OUT_DIR (the device tool brings back 8, each under 16 MiB): environment.txt, bench.json,
 # bench.log, run.log and results.tar.part-NN (the run folder without its checkpoint, and the shipped folder).
-# Back here: cat OUT_DIR/results.tar.part-* | tar -x -C DIR  gives DIR/PRESET/ and DIR/pretrained-cifar10-r18/.
+# Back here: python scripts/land_gpu_results.py OUT_DIR  puts the files into docs/results/ and runs/ (or by hand:
+# cat OUT_DIR/results.tar.part-* | tar -x -C DIR  gives DIR/PRESET/ and DIR/pretrained-cifar10-r18/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then OUT_DIR=$1; shift; else OUT_DIR=${OUT:-gpu_check}; fi

@@ -21,6 +21,9 @@ SHIPPED = ROOT / "runs" / PRETRAINED
 _spec = importlib.util.spec_from_file_location("ship_encoder", ROOT / "scripts" / "ship_encoder.py")
 ship_encoder = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ship_encoder)
+_spec = importlib.util.spec_from_file_location("land_gpu_results", ROOT / "scripts" / "land_gpu_results.py")
+land_gpu_results = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(land_gpu_results)
 
 
 @pytest.fixture(scope="module")
@@ -110,6 +113,85 @@ def test_shipping_never_overwrites_and_needs_a_finished_run(finished_run, tmp_pa
     with pytest.raises(UserError, match="over the 0 MB limit"):
         ship_encoder.ship(finished_run, tmp_path / "big", max_bytes=1000)
     assert not (tmp_path / "big").exists()
+
+
+def gpu_job_output(run: Path, work: Path, out: Path, ship: bool = True) -> Path:
+    """What scripts/gpu_check.sh brings back: the run folder without checkpoints and the shipped folder, packed with
+    the same tar | split (small parts here, so that joining them is tested), beside bench.json and the logs."""
+    staged = work / run.name
+    shutil.copytree(run, staged, ignore=shutil.ignore_patterns("checkpoint*.pt"))
+    names = [run.name]
+    if ship:
+        ship_encoder.ship(run, work / PRETRAINED)
+        names.append(PRETRAINED)
+    out.mkdir()
+    subprocess.run(f"tar -C {work} -cf - {' '.join(names)} | split -b 200k -d - {out}/results.tar.part-",
+                   shell=True, check=True)
+    bench = {"device": "NVIDIA H200", "train_step": [{"backbone": "resnet18", "batch_size": 512,
+             "fast_views_per_s": 1.0, "fast_tflops": 1.0, "fraction_of_peak": 0.1, "fast_peak_mb": 1024.0,
+             "dataloader_views_per_s": 1.0}]}
+    (out / "bench.json").write_text(json.dumps(bench))
+    (out / "run.log").write_text("pretraining budget: 300 s\n")
+    return out
+
+
+@pytest.mark.skipif(shutil.which("tar") is None or shutil.which("split") is None, reason="needs tar and split")
+def test_landing_the_gpu_jobs_output_puts_each_file_where_the_docs_read_it(finished_run, tmp_path, monkeypatch):
+    out = gpu_job_output(finished_run, tmp_path / "work", tmp_path / "out")
+    assert len(list(out.glob("results.tar.part-*"))) > 1
+    root = tmp_path / "repo"
+    written = land_gpu_results.land(out, root)
+    preset = json.loads((finished_run / "summary.json").read_text())["preset"]
+    results = root / "docs" / "results" / f"{preset}-cpu"  # the run's device names the folder
+    assert written == [results, root / "runs" / PRETRAINED, root / "docs" / "results" / "gpu-bench" /
+                       "h200-resnet18.json"]
+    for name in ("config.json", "metrics.jsonl", "summary.json", "eval.json"):
+        assert (results / name).read_bytes() == (finished_run / name).read_bytes()
+    assert (results / "run.log").is_file() and not list(results.glob("*.pt"))
+    shipped = root / "runs" / PRETRAINED
+    assert (shipped / "checkpoint.pt").read_bytes() == (tmp_path / "work" / PRETRAINED / "checkpoint.pt").read_bytes()
+    SimCLR.from_checkpoint(shipped)
+    # the README's results table and the docs' GPU table are generated from exactly these files
+    spec = importlib.util.spec_from_file_location("sync_numbers", ROOT / "scripts" / "sync_numbers.py")
+    sync_numbers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sync_numbers)
+    monkeypatch.setattr(sync_numbers, "RESULTS", root / "docs" / "results")
+    assert f"`{preset}-cpu`" in sync_numbers.results_table()
+    assert "| NVIDIA H200 | resnet18 | 512 |" in sync_numbers.gpu_bench()
+
+
+@pytest.mark.skipif(shutil.which("tar") is None or shutil.which("split") is None, reason="needs tar and split")
+def test_landing_never_overwrites_and_refuses_an_unfinished_run_or_a_bad_shipped_folder(finished_run, tmp_path):
+    out = gpu_job_output(finished_run, tmp_path / "work", tmp_path / "out")
+    root = tmp_path / "repo"
+    first = land_gpu_results.land(out, root, name="r")
+    files = sorted(p for p in root.rglob("*"))
+    with pytest.raises(UserError, match="already exists"):  # the shipped folder is there: nothing is written
+        land_gpu_results.land(out, root, name="r")
+    assert sorted(p for p in root.rglob("*")) == files
+    second = land_gpu_results.land(out, root, name="r", ship=False)  # a second landing goes beside the first
+    assert [p.name for p in second] == ["r-2", "h200-resnet18-2.json"] and [p.name for p in first][0] == "r"
+    # a run that stopped before its summary: one clear error, then the bench alone
+    unfinished = tmp_path / "src" / "unfinished"
+    shutil.copytree(finished_run, unfinished)
+    (unfinished / "summary.json").unlink()
+    out2 = gpu_job_output(unfinished, tmp_path / "work2", tmp_path / "out2", ship=False)
+    with pytest.raises(UserError, match="did not finish.*--bench-only"):
+        land_gpu_results.land(out2, tmp_path / "repo2")
+    assert not (tmp_path / "repo2").exists()
+    assert land_gpu_results.land(out2, tmp_path / "repo2", bench_only=True)[0].name == "h200-resnet18.json"
+    # a shipped checkpoint that does not match its sha256 is refused before anything is written
+    out3 = gpu_job_output(finished_run, tmp_path / "work3", tmp_path / "out3")
+    blob = bytearray((tmp_path / "work3" / PRETRAINED / "checkpoint.pt").read_bytes())
+    blob[-100] ^= 0xFF
+    (tmp_path / "work3" / PRETRAINED / "checkpoint.pt").write_bytes(bytes(blob))
+    for part in out3.glob("results.tar.part-*"):
+        part.unlink()
+    subprocess.run(f"tar -C {tmp_path / 'work3'} -cf - {finished_run.name} {PRETRAINED} | split -b 200k -d - "
+                   f"{out3}/results.tar.part-", shell=True, check=True)
+    with pytest.raises(UserError, match="sha256"):
+        land_gpu_results.land(out3, tmp_path / "repo3")
+    assert not (tmp_path / "repo3").exists()
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="no encoder has been shipped yet (it is trained on a GPU)")

@@ -52,19 +52,38 @@ def free_path(path: Path) -> Path:
     return candidate
 
 
-def unpack(out_dir: Path, into: Path) -> list[Path]:
-    """Join out_dir/results.tar.part-* in order and extract them into `into`; return the top-level folders."""
+def parts_of(out_dir: Path) -> list[Path]:
+    """The results.tar.part-NN files in order, refused when there are none or one is missing."""
     parts = sorted(out_dir.glob("results.tar.part-*"))
     if not parts:
-        raise UserError(f"{out_dir} holds no results.tar.part-* files: is it the folder the GPU job wrote ($OUT)?")
+        raise UserError(f"{out_dir} holds no results.tar.part-* files: the run did not start (RUN=0, or see bench.log "
+                        "and run.log) or this is not the folder the GPU job wrote; --bench-only lands bench.json alone")
+    numbers = [p.name.rsplit("-", 1)[1] for p in parts]
+    if numbers != [f"{i:02d}" for i in range(len(parts))]:
+        raise UserError(f"results.tar parts {', '.join(numbers)} have a gap: one did not come back from the GPU")
+    return parts
+
+
+def unpack(out_dir: Path, into: Path) -> list[Path]:
+    """Join out_dir/results.tar.part-* in order and extract them into `into`; return the top-level folders."""
     joined = into / "results.tar"
     with joined.open("wb") as sink:
-        for part in parts:
+        for part in parts_of(out_dir):
             with part.open("rb") as source:
                 shutil.copyfileobj(source, sink)
-    with tarfile.open(joined) as tar:
-        safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # no paths outside `into`
-        tar.extractall(into / "x", **safe)
+    try:
+        with tarfile.open(joined) as tar:
+            members = tar.getmembers()
+            # only plain files and folders inside `into` (what gpu_check.sh packs), on every Python version
+            unsafe = [m.name for m in members if m.name.startswith("/") or ".." in Path(m.name).parts
+                      or not (m.isfile() or m.isdir())]
+            if unsafe:
+                raise UserError(f"the results archive holds {unsafe[0]!r}, not a plain file or folder inside it")
+            tar.extractall(into / "x", members=members, **({"filter": "data"} if hasattr(tarfile, "data_filter")
+                                                            else {}))
+    except (tarfile.TarError, EOFError) as exc:
+        raise UserError(f"the results.tar parts do not make a whole archive ({exc}): the last one may be cut short") \
+            from None
     joined.unlink()
     return sorted(p for p in (into / "x").iterdir() if p.is_dir())
 
@@ -83,56 +102,94 @@ def run_folder(folders: list[Path]) -> Path:
 
 
 def check_shipped(folder: Path) -> None:
-    """Refuse a shipped folder whose weights do not load or do not match their sha256; warn when it is too big."""
-    SimCLR.from_checkpoint(folder)  # checks checkpoint.pt against checkpoint.pt.sha256 first
+    """Refuse a shipped folder that is not a ResNet-18 whose weights load and match their sha256; warn when it is
+    over the size limit (a longer metrics.jsonl can be trimmed)."""
+    if not (folder / "checkpoint.pt.sha256").is_file():
+        raise UserError("the shipped folder that came back has no checkpoint.pt.sha256: pass --no-ship")
+    try:
+        model = SimCLR.from_checkpoint(folder)  # checks checkpoint.pt against checkpoint.pt.sha256 first
+    except UserError as exc:
+        raise UserError(f"the shipped folder that came back does not load ({exc}): re-run the job, or pass --no-ship") \
+            from None
+    if model.arch["backbone"] != "resnet18":
+        raise UserError(f"the shipped folder holds a {model.arch['backbone']} encoder, but {PRETRAINED} is a "
+                        "ResNet-18: pass --no-ship")
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
     if size > SHIPPED_LIMIT:
         print(f"warning: the shipped folder holds {size / 1e6:.1f} MB, over the {SHIPPED_LIMIT / 1e6:.0f} MB limit: "
-              "trim it (e.g. metrics.jsonl, figures) before committing", file=sys.stderr)
+              "trim it (e.g. metrics.jsonl) before committing", file=sys.stderr)
 
 
-def land_run(out_dir: Path, root: Path, name: str | None, ship: bool) -> list[Path]:
+def read_bench(out_dir: Path) -> dict | None:
+    """bench.json of `out_dir`, checked to be one, or None when the job wrote none."""
+    if not (out_dir / "bench.json").is_file():
+        return None
+    try:
+        bench = json.loads((out_dir / "bench.json").read_text())
+        if not isinstance(bench, dict) or not {"device", "train_step"} <= bench.keys():  # what the docs' table reads
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{out_dir / 'bench.json'} is not a `run.py bench` result: --bench-only, or remove it") \
+            from None
+    return bench
+
+
+def place(source: Path, dest: Path) -> Path:
+    """Copy the folder `source` to `dest` (which must not exist) through a temporary sibling, so that a failure
+    leaves no half-made folder."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}."))
+    try:
+        shutil.copytree(source, staging / dest.name)
+        (staging / dest.name).rename(dest)
+    finally:
+        shutil.rmtree(staging)
+    return dest
+
+
+def land_run(out_dir: Path, tmp: Path, root: Path, name: str | None, ship: bool) -> list[Path]:
     """The run's result files and the job's logs into docs/results/, and the shipped folder into runs/."""
     shipped_dest = root / "runs" / PRETRAINED
-    with tempfile.TemporaryDirectory() as tmp:
-        folders = unpack(out_dir, Path(tmp))
-        run = run_folder(folders)
-        shipped = next((p for p in folders if p.name == PRETRAINED), None) if ship else None
-        if shipped is not None:
-            if shipped_dest.exists():
-                raise UserError(f"{shipped_dest} already exists: move it away first, or pass --no-ship")
-            check_shipped(shipped)
-        summary = json.loads((run / "summary.json").read_text())
-        dest = free_path(root / "docs" / "results" / (name or f"{summary['preset']}-{card(summary['device'])}"))
-        dest.mkdir(parents=True)
-        for path in sorted(run.iterdir()):
-            if path.is_file() and (path.suffix in (".json", ".md") or path.name == "metrics.jsonl"):
-                shutil.copy2(path, dest / path.name)
-        for log in LOGS:
-            if (out_dir / log).is_file():
-                shutil.copy2(out_dir / log, dest / log)
-        if shipped is None:
-            return [dest]
-        shipped_dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(shipped, shipped_dest)
-        return [dest, shipped_dest]
+    folders = unpack(out_dir, tmp)
+    run = run_folder(folders)
+    shipped = next((p for p in folders if p.name == PRETRAINED), None) if ship else None
+    if shipped is not None:
+        if shipped_dest.exists():
+            raise UserError(f"{shipped_dest} already exists: move it away first, or pass --no-ship")
+        check_shipped(shipped)
+    elif ship:
+        print("no shipped encoder's folder in the results (SHIP=0, or the run did not finish)")
+    summary = json.loads((run / "summary.json").read_text())
+    results = tmp / "results"
+    results.mkdir()
+    for path in sorted(run.iterdir()):
+        if path.is_file() and (path.suffix in (".json", ".md") or path.name == "metrics.jsonl"):
+            shutil.copy2(path, results / path.name)
+    for log in LOGS:
+        if (out_dir / log).is_file():
+            shutil.copy2(out_dir / log, results / log)
+    dest = free_path(root / "docs" / "results" / (name or f"{summary['preset']}-{card(summary['device'])}"))
+    return [place(results, dest)] + ([place(shipped, shipped_dest)] if shipped is not None else [])
 
 
 def land(out_dir: str | Path, root: str | Path = ROOT, name: str | None = None, ship: bool = True,
          bench_only: bool = False) -> list[Path]:
-    """Copy the GPU job's results in `out_dir` into the repository at `root`; return what was written. A run that
-    did not finish stops it before anything is written (bench_only=True lands bench.json alone)."""
+    """Copy the GPU job's results in `out_dir` into the repository at `root`; return what was written. Everything
+    is checked before anything is written (bench_only=True lands bench.json alone, e.g. after a failed run)."""
     out_dir, root = Path(out_dir), Path(root)
-    written = [] if bench_only else land_run(out_dir, root, name, ship)
-    if (out_dir / "bench.json").is_file():
-        bench = json.loads((out_dir / "bench.json").read_text())
-        backbone = (bench.get("train_step") or [{}])[0].get("backbone", "resnet18")
+    if name is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise UserError(f"--name {name!r} must be one folder name (letters, digits, '.', '_', '-')")
+    bench = read_bench(out_dir)
+    if bench_only and bench is None:
+        raise UserError(f"{out_dir} holds no bench.json (the bench failed: see bench.log)")
+    with tempfile.TemporaryDirectory() as tmp:
+        written = [] if bench_only else land_run(out_dir, Path(tmp), root, name, ship)
+    if bench is not None:
+        backbone = (bench["train_step"] or [{}])[0].get("backbone", "resnet18")
         target = free_path(root / "docs" / "results" / "gpu-bench" / f"{card(bench['device'])}-{backbone}.json")
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(out_dir / "bench.json", target)
         written.append(target)
-    elif bench_only:
-        raise UserError(f"{out_dir} holds no bench.json")
     return written
 
 
@@ -150,10 +207,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     for path in written:
         print(f"wrote {path.relative_to(ROOT)}")
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_numbers.py")], check=True)
-    print("next: python scripts/make_figures.py runs/pretrained-cifar10-r18  (the README's t-SNE and retrieval)\n"
-          "      python run.py evaluate runs/pretrained-cifar10-r18  (an independent re-evaluation: within 1 point?)\n"
-          f"      git add {' '.join(str(p.relative_to(ROOT)) for p in written)} README.md docs/")
+    if subprocess.run([sys.executable, str(ROOT / "scripts" / "sync_numbers.py")]).returncode != 0:
+        print("error: scripts/sync_numbers.py failed on the landed files (above): fix them, then run it again",
+              file=sys.stderr)
+        return 1
+    if (ROOT / "runs" / PRETRAINED) in written:
+        print("next: python scripts/make_figures.py runs/pretrained-cifar10-r18  (the README's t-SNE and retrieval)\n"
+              "      python run.py evaluate runs/pretrained-cifar10-r18  (an independent re-evaluation: within 1 "
+              "point?)")
+    print(f"git add {' '.join(str(p.relative_to(ROOT)) for p in written)} README.md docs/")
     return 0
 
 

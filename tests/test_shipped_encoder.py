@@ -115,7 +115,7 @@ def test_shipping_never_overwrites_and_needs_a_finished_run(finished_run, tmp_pa
     assert not (tmp_path / "big").exists()
 
 
-def gpu_job_output(run: Path, work: Path, out: Path, ship: bool = True) -> Path:
+def gpu_job_output(run: Path, work: Path, out: Path, ship: bool = True, part_size: str = "200k") -> Path:
     """What scripts/gpu_check.sh brings back: the run folder without checkpoints and the shipped folder, packed with
     the same tar | split (small parts here, so that joining them is tested), beside bench.json and the logs."""
     staged = work / run.name
@@ -125,7 +125,7 @@ def gpu_job_output(run: Path, work: Path, out: Path, ship: bool = True) -> Path:
         ship_encoder.ship(run, work / PRETRAINED)
         names.append(PRETRAINED)
     out.mkdir()
-    subprocess.run(f"tar -C {work} -cf - {' '.join(names)} | split -b 200k -d - {out}/results.tar.part-",
+    subprocess.run(f"tar -C {work} -cf - {' '.join(names)} | split -b {part_size} -d - {out}/results.tar.part-",
                    shell=True, check=True)
     bench = {"device": "NVIDIA H200", "train_step": [{"backbone": "resnet18", "batch_size": 512,
              "fast_views_per_s": 1.0, "fast_tflops": 1.0, "fraction_of_peak": 0.1, "fast_peak_mb": 1024.0,
@@ -192,6 +192,35 @@ def test_landing_never_overwrites_and_refuses_an_unfinished_run_or_a_bad_shipped
     with pytest.raises(UserError, match="sha256"):
         land_gpu_results.land(out3, tmp_path / "repo3")
     assert not (tmp_path / "repo3").exists()
+
+
+@pytest.mark.skipif(shutil.which("tar") is None or shutil.which("split") is None, reason="needs tar and split")
+def test_landing_refuses_missing_or_cut_parts_and_odd_names_in_one_line(finished_run, tmp_path, capsys):
+    out = gpu_job_output(finished_run, tmp_path / "work", tmp_path / "out", ship=False, part_size="20k")
+    parts = sorted(out.glob("results.tar.part-*"))
+    assert len(parts) > 2
+    root = tmp_path / "repo"
+    for bad_name in ("../x", "/abs", "a/b", ""):
+        with pytest.raises(UserError, match="one folder name"):
+            land_gpu_results.land(out, root, name=bad_name)
+    saved = {part: part.read_bytes() for part in parts}
+    for part in parts[1:]:  # the last parts did not come back: no gap, but the archive stops short
+        part.unlink()
+    with pytest.raises(UserError, match="do not make a whole archive"):
+        land_gpu_results.land(out, root)
+    for part, blob in saved.items():
+        part.write_bytes(blob)
+    parts[1].unlink()  # a part in the middle did not come back
+    with pytest.raises(UserError, match="have a gap"):
+        land_gpu_results.land(out, root)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    assert land_gpu_results.main([str(out)]) == 2  # RUN=0: no parts, one line that says what to do
+    assert "--bench-only" in capsys.readouterr().err
+    assert not root.exists()
+    (out / "bench.json").write_text("[]")
+    with pytest.raises(UserError, match="not a `run.py bench` result"):
+        land_gpu_results.land(out, root, bench_only=True)
 
 
 @pytest.mark.skipif(not SHIPPED.is_dir(), reason="no encoder has been shipped yet (it is trained on a GPU)")

@@ -5,9 +5,9 @@
 # made from it (scripts/ship_encoder.py).
 # Usage: bash scripts/gpu_check.sh [OUT_DIR [EXTRA RUN.PY FLAGS]]   (OUT_DIR default: $OUT, else gpu_check/)
 # Settings (environment): TOTAL (540), RESERVE (seconds kept for loading, evaluation and packing: 120),
-#   PRESET (cifar10-r18-10min), PYTHON (python3), SHIP (1: make the shipped folder; 0 for ResNet-50), FINETUNE
+#   PRESET (cifar10-r18-10min), PYTHON (python3), SHIP (make the shipped folder: 1 for cifar10-r18*, else 0), FINETUNE
 #   (0; 1: add label-fraction fine-tuning to the shipped eval.json, about a minute or two more; EVAL_FLAGS for it),
-#   BENCH_FLAGS (e.g. "--backbone resnet50 --batch-sizes 256,512,1024").
+#   BENCH_FLAGS (e.g. "--backbone resnet50 --batch-sizes 256,512,1024"), RUN (1; 0: the bench alone).
 # Needs CIFAR-10 under data/ (e.g. the staged data/cifar10-jpeg.tar.gz); runs from source, nothing installed.
 # Writes at most 8 files to OUT_DIR (the device tool brings back 8, each under 16 MiB): environment.txt, bench.json,
 # bench.log, run.log and results.tar.part-NN (the run folder without its checkpoint, and the shipped folder).
@@ -18,7 +18,9 @@ cd "$(dirname "$0")/.."
 if [ $# -gt 0 ]; then OUT_DIR=$1; shift; else OUT_DIR=${OUT:-gpu_check}; fi
 TOTAL=${TOTAL:-540}
 RESERVE=${RESERVE:-120}
+FINETUNE=${FINETUNE:-0}
 PRESET=${PRESET:-cifar10-r18-10min}
+case $PRESET in cifar10-r18*) SHIP=${SHIP:-1} ;; *) SHIP=${SHIP:-0} ;; esac  # the shipped encoder is a ResNet-18
 PYTHON=${PYTHON:-python3}
 start=$(date +%s)
 mkdir -p "$OUT_DIR"
@@ -41,29 +43,39 @@ trap pack EXIT
   > "$OUT_DIR/environment.txt" 2>&1
 # 1. Benchmarks (about a minute): augmentation, loss, training step vs the PIL DataLoader path; TFLOPS, % of peak.
 # shellcheck disable=SC2086  # BENCH_FLAGS is a list of flags
-"$PYTHON" run.py bench --out "$OUT_DIR/bench.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT_DIR/bench.log"
+bench_failed=0
+"$PYTHON" run.py bench --out "$OUT_DIR/bench.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT_DIR/bench.log" \
+  || { bench_failed=1; echo "the bench failed (above); the run goes on" | tee -a "$OUT_DIR/bench.log"; }
 echo "bench: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/bench.log"
+# RUN=0 stops here: the bench alone fits the minutes left after a run, e.g. issue 14's ResNet-50 memory table.
+if [ "${RUN:-1}" = 0 ]; then exit "$bench_failed"; fi
 # 2. The time-boxed run: pretraining fitted to what is left, then its evaluation. A smaller t-SNE keeps the figures
 #    quick; the accuracies use the full train and test sets as always.
 budget=$(( TOTAL - RESERVE - ($(date +%s) - start) ))
 budget=$(( budget < 30 ? 30 : budget ))  # a slow bench leaves at least half a minute of pretraining
 echo "pretraining budget: $budget s" | tee "$OUT_DIR/run.log"
-# The run is stopped (SIGTERM: it checkpoints and exits) 30 s after TOTAL, before the device tool's 600 s cap.
-timeout "$(( TOTAL + 30 - ($(date +%s) - start) ))" \
+# The run is stopped (SIGTERM: it checkpoints and exits; SIGKILL 15 s later) 30 s after TOTAL, before the device
+# tool's 600 s cap. (timeout 0 would mean no limit: at least 1 s.)
+limit=$(( TOTAL + 30 - ($(date +%s) - start) ))
+timeout -k 15 "$(( limit < 1 ? 1 : limit ))" \
   "$PYTHON" run.py --preset "$PRESET" --time-budget "$budget" --tsne-points 500 --no-progress --out "$work/$PRESET" "$@" \
   2>&1 | tee -a "$OUT_DIR/run.log"
 # 3. The shipped encoder's folder (fp16 weights, results, sha256; SHIP=0 skips it, e.g. for ResNet-50, whose weights
 #    are over the folder's 25 MB). Over 25 MB it is still made, up to 64 MB, so the weights come back to be trimmed.
 # FINETUNE=1 first adds label-fraction fine-tuning (1 % and 10 %, vs supervised) with `run.py evaluate`, whose
-# eval-2.json is then shipped as eval.json (notebook 05 shows it on CPUs, where fine-tuning would take hours).
+# eval-2.json is then shipped as eval.json (notebook 05 shows it on CPUs, where fine-tuning would take hours). It is
+# stopped 45 s after TOTAL, leaving time to ship and pack; if it does not finish, the run's own eval.json is shipped.
 ship_flags=()
-if [ "${FINETUNE:-0}" = 1 ]; then
+if [ "$FINETUNE" = 1 ] && [ -f "$work/$PRESET/eval.json" ]; then
+  limit=$(( TOTAL + 45 - ($(date +%s) - start) ))
   # shellcheck disable=SC2086  # EVAL_FLAGS is a list of flags
-  "$PYTHON" run.py evaluate "$work/$PRESET" --label-fractions 1,10 --no-progress ${EVAL_FLAGS:-} 2>&1 \
+  timeout -k 5 "$(( limit < 1 ? 1 : limit ))" \
+    "$PYTHON" run.py evaluate "$work/$PRESET" --label-fractions 1,10 --no-progress ${EVAL_FLAGS:-} 2>&1 \
+    | tee -a "$OUT_DIR/run.log" || echo "fine-tuning did not finish: the run's eval.json is shipped" \
     | tee -a "$OUT_DIR/run.log"
-  ship_flags=(--eval "$work/$PRESET/eval-2.json")
+  if [ -f "$work/$PRESET/eval-2.json" ]; then ship_flags=(--eval "$work/$PRESET/eval-2.json"); fi
 fi
-if [ "${SHIP:-1}" = 1 ]; then
+if [ "$SHIP" = 1 ]; then
   "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --out "$work/pretrained-cifar10-r18" "${ship_flags[@]}" 2>&1 \
     | tee -a "$OUT_DIR/run.log" \
     || "$PYTHON" scripts/ship_encoder.py "$work/$PRESET" --out "$work/pretrained-cifar10-r18" --max-mb 64 \

@@ -120,6 +120,9 @@ def gpu_bench() -> str:
     for path in files:
         bench = json.loads(path.read_text())
         for r in bench["train_step"]:
+            if r.get("out_of_memory"):
+                rows.append(f"| {bench['device']} | {r['backbone']} | {r['batch_size']} | out of memory | - | - | - |")
+                continue
             peak = f" ({r['fraction_of_peak']:.0%})" if r.get("fraction_of_peak") else ""
             rows.append(f"| {bench['device']} | {r.get('backbone', 'resnet18')} | {r['batch_size']} | "
                         f"{r['fast_views_per_s']:,.0f} | {r.get('fast_tflops', 0):.0f}{peak} | "

@@ -3,6 +3,7 @@ repositories use, measured in one process on one device: augmentation, the loss,
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import os
@@ -229,11 +230,17 @@ def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), wid
     result["train_step"] = []
     for batch_size in batch_sizes:
         progress(f"training step, batch {batch_size}, {backbone} CIFAR width {width} ...")
-        result["train_step"].append(bench_train_step(images, dev, batch_size, width, steps, workers, compile,
-                                                     backbone))
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        try:
+            row = bench_train_step(images, dev, batch_size, width, steps, workers, compile, backbone)
+        except torch.cuda.OutOfMemoryError:  # an answer too: this batch does not fit on this card
+            gc.collect()
+            torch.cuda.empty_cache()
+            row = {"backbone": backbone, "batch_size": batch_size, "width": width, "out_of_memory": True}
+            progress(f"  batch {batch_size}: out of GPU memory")
+        result["train_step"].append(row)
+        if out is not None:  # after every batch size, so that a crash at the next one keeps the rows so far
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -249,6 +256,10 @@ def format_bench(result: dict[str, Any]) -> str:
             (f"loss fwd+bwd, ms (N={loss['n']}, D={loss['dim']})", f"{loss['ours_ms']:.2f}",
              f"{loss['mask_and_gather_ms']:.2f} (mask and gather)", f"{loss['speedup']:.1f}x")]
     for r in result["train_step"]:
+        if r.get("out_of_memory"):
+            rows.append((f"train step ({r['backbone'].replace('resnet', 'R')} w{r['width']}, batch {r['batch_size']})",
+                         "out of memory", "", ""))
+            continue
         memory = ("" if r["fast_peak_mb"] is None
                   else f", peak {r['fast_peak_mb']:,.0f} / {r['dataloader_peak_mb']:,.0f} MiB")
         peak = f", {r['fraction_of_peak']:.0%} of peak" if r.get("fraction_of_peak") else ""

@@ -54,6 +54,30 @@ def test_run_bench_on_cpu_writes_json_and_table(tmp_path, backbone):
     assert "augmentation" in table and "mask and gather" in table and "batch 8" in table and "TFLOPS" in table
 
 
+def test_a_batch_that_does_not_fit_is_a_row_and_every_row_is_saved_at_once(tmp_path, monkeypatch):
+    # On a small card the larger batches run out of memory: that is an answer (the memory table says so), and a
+    # crash at a later batch size keeps the rows measured before it.
+    measured = bench.bench_train_step
+
+    def step(images, device, batch_size, *args):
+        if batch_size == 16:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        if batch_size == 24:
+            raise RuntimeError("the machine went away")
+        return measured(images, device, batch_size, *args)
+
+    monkeypatch.setattr(bench, "bench_train_step", step)
+    out = tmp_path / "bench.json"
+    with pytest.raises(RuntimeError, match="went away"):
+        run_bench("cpu", batch_sizes=[8, 16, 24], width=2, steps=1, workers=0, data_root=tmp_path / "none", out=out,
+                  progress=lambda _: None, augment_batch=16, loss_n=16)
+    saved = json.loads(out.read_text())
+    fits, too_big = saved["train_step"]
+    assert fits["batch_size"] == 8 and fits["fast_views_per_s"] > 0 and "out_of_memory" not in fits
+    assert too_big == {"backbone": "resnet18", "batch_size": 16, "width": 2, "out_of_memory": True}
+    assert re.search(r"batch 16\)\s+out of memory", format_bench(saved))
+
+
 def naive_training_flops(model, size):
     """3 x the forward FLOPs of every convolution and linear layer (2 per multiply-add), summed by hand from the
     shapes, less the first convolution's gradient with respect to its input (the images need none)."""

@@ -129,7 +129,8 @@ def gpu_job_output(run: Path, work: Path, out: Path, ship: bool = True, part_siz
                    shell=True, check=True)
     bench = {"device": "NVIDIA H200", "train_step": [{"backbone": "resnet18", "batch_size": 512,
              "fast_views_per_s": 1.0, "fast_tflops": 1.0, "fraction_of_peak": 0.1, "fast_peak_mb": 1024.0,
-             "dataloader_views_per_s": 1.0}]}
+             "dataloader_views_per_s": 1.0}, {"backbone": "resnet18", "batch_size": 4096, "width": 64,
+             "out_of_memory": True}]}
     (out / "bench.json").write_text(json.dumps(bench))
     (out / "run.log").write_text("pretraining budget: 300 s\n")
     return out
@@ -158,6 +159,7 @@ def test_landing_the_gpu_jobs_output_puts_each_file_where_the_docs_read_it(finis
     monkeypatch.setattr(sync_numbers, "RESULTS", root / "docs" / "results")
     assert f"`{preset}-cpu`" in sync_numbers.results_table()
     assert "| NVIDIA H200 | resnet18 | 512 |" in sync_numbers.gpu_bench()
+    assert "| NVIDIA H200 | resnet18 | 4096 | out of memory |" in sync_numbers.gpu_bench()
 
 
 @pytest.mark.skipif(shutil.which("tar") is None or shutil.which("split") is None, reason="needs tar and split")

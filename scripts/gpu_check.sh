@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # The one prepared GPU job (one H100/H200, about TOTAL = 540 s in all; the run is stopped at TOTAL + 30 s):
-# `run.py bench` (ResNet-18, batch 256 and 512, bf16), then the PRESET (cifar10-r18-10min) with --time-budget
-# filling what is left and evaluated as usual (full-test-set kNN + linear probe), then the shipped encoder's folder
-# made from it (scripts/ship_encoder.py).
+# `run.py bench --compile` (ResNet-18, batch 512, bf16, eager and compiled), then the PRESET (cifar10-r18-10min)
+# with --time-budget filling what is left, compiled if the bench says that trains more views in that time (compile
+# time included), and evaluated as usual (full-test-set kNN + linear probe), then the shipped encoder's folder made
+# from it (scripts/ship_encoder.py).
 # Usage: bash scripts/gpu_check.sh [OUT_DIR [EXTRA RUN.PY FLAGS]]   (OUT_DIR default: $OUT, else gpu_check/)
 # Settings (environment): TOTAL (540), RESERVE (seconds kept for loading, evaluation and packing: 120),
 #   PRESET (cifar10-r18-10min), PYTHON (python3), SHIP (make the shipped folder: 1 for cifar10-r18*, else 0), FINETUNE
 #   (0; 1: add label-fraction fine-tuning to the shipped eval.json, about a minute or two more; EVAL_FLAGS for it),
-#   BENCH_FLAGS (e.g. "--backbone resnet50 --batch-sizes 256,512,1024"), RUN (1; 0: the bench alone).
+#   BENCH_FLAGS (default "--batch-sizes 512"; e.g. "--backbone resnet50 --batch-sizes 256,512,1024"), RUN (1; 0: the
+#   bench alone), COMPILE (auto: the bench times the compiled step too and the run is compiled when that pays; 1: the
+#   run compiled whatever the bench says; 0: neither compiles), BENCH_LIMIT (the bench is stopped after 240 s).
 # Needs CIFAR-10 under data/ (e.g. the staged data/cifar10-jpeg.tar.gz); runs from source, nothing installed.
 # Writes at most 8 files to OUT_DIR (the device tool brings back 8, each under 16 MiB): environment.txt, bench.json,
 # bench.log, run.log and results.tar.part-NN (the run folder without its checkpoint, and the shipped folder).
@@ -19,6 +22,8 @@ if [ $# -gt 0 ]; then OUT_DIR=$1; shift; else OUT_DIR=${OUT:-gpu_check}; fi
 TOTAL=${TOTAL:-540}
 RESERVE=${RESERVE:-120}
 FINETUNE=${FINETUNE:-0}
+COMPILE=${COMPILE:-auto}
+BENCH_LIMIT=${BENCH_LIMIT:-240}
 PRESET=${PRESET:-cifar10-r18-10min}
 case $PRESET in cifar10-r18*) SHIP=${SHIP:-1} ;; *) SHIP=${SHIP:-0} ;; esac  # the shipped encoder is a ResNet-18
 PYTHON=${PYTHON:-python3}
@@ -41,11 +46,17 @@ pack() {
 trap pack EXIT
 { nvidia-smi || true; nproc; "$PYTHON" -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" || true; } \
   > "$OUT_DIR/environment.txt" 2>&1
-# 1. Benchmarks (about a minute): augmentation, loss, training step vs the PIL DataLoader path; TFLOPS, % of peak.
-# shellcheck disable=SC2086  # BENCH_FLAGS is a list of flags
+# 1. Benchmarks (a minute or two): augmentation, loss, training step (eager, and compiled with its compile time) vs
+#    the PIL DataLoader path; TFLOPS, % of peak. One batch size by default: each compiles afresh.
+bench_flags=(); if [ "$COMPILE" != 0 ]; then bench_flags=(--compile); fi
 bench_failed=0
-"$PYTHON" run.py bench --out "$OUT_DIR/bench.json" ${BENCH_FLAGS:-} 2>&1 | tee "$OUT_DIR/bench.log" \
-  || { bench_failed=1; echo "the bench failed (above); the run goes on" | tee -a "$OUT_DIR/bench.log"; }
+# It is stopped after BENCH_LIMIT seconds (a compiler that takes too long costs the run no more than that); what it
+# measured by then is in bench.json, which it writes after every part.
+# shellcheck disable=SC2086  # BENCH_FLAGS is a list of flags
+timeout -k 10 "$BENCH_LIMIT" \
+  "$PYTHON" run.py bench --out "$OUT_DIR/bench.json" "${bench_flags[@]}" ${BENCH_FLAGS:---batch-sizes 512} 2>&1 \
+  | tee "$OUT_DIR/bench.log" \
+  || { bench_failed=1; echo "the bench failed or was stopped at BENCH_LIMIT (above); the run goes on" | tee -a "$OUT_DIR/bench.log"; }
 echo "bench: $(( $(date +%s) - start )) s" | tee -a "$OUT_DIR/bench.log"
 # RUN=0 stops here: the bench alone fits the minutes left after a run, e.g. issue 14's ResNet-50 memory table.
 if [ "${RUN:-1}" = 0 ]; then exit "$bench_failed"; fi
@@ -54,11 +65,24 @@ if [ "${RUN:-1}" = 0 ]; then exit "$bench_failed"; fi
 budget=$(( TOTAL - RESERVE - ($(date +%s) - start) ))
 budget=$(( budget < 30 ? 30 : budget ))  # a slow bench leaves at least half a minute of pretraining
 echo "pretraining budget: $budget s" | tee "$OUT_DIR/run.log"
+# Compiled or eager: the bench's compiled and eager speeds at the preset's batch size, the compile time off the budget.
+run_flags=()
+if [ "$COMPILE" = 1 ]; then run_flags=(--compile); echo "compile: yes (COMPILE=1)" | tee -a "$OUT_DIR/run.log"
+elif [ "$COMPILE" = auto ] && [ -f "$OUT_DIR/bench.json" ] && "$PYTHON" -c '
+import json, sys
+from simclr_lib.bench import compile_decision
+from simclr_lib.config import make_config
+ok, why = compile_decision(json.load(open(sys.argv[1])), make_config(sys.argv[2]), float(sys.argv[3]))
+print(why)
+sys.exit(0 if ok else 1)' "$OUT_DIR/bench.json" "$PRESET" "$budget" 2>&1 | tee -a "$OUT_DIR/run.log"; then
+  run_flags=(--compile)
+fi
 # The run is stopped (SIGTERM: it checkpoints and exits; SIGKILL 15 s later) 30 s after TOTAL, before the device
 # tool's 600 s cap. (timeout 0 would mean no limit: at least 1 s.)
 limit=$(( TOTAL + 30 - ($(date +%s) - start) ))
 timeout -k 15 "$(( limit < 1 ? 1 : limit ))" \
-  "$PYTHON" run.py --preset "$PRESET" --time-budget "$budget" --tsne-points 500 --no-progress --out "$work/$PRESET" "$@" \
+  "$PYTHON" run.py --preset "$PRESET" --time-budget "$budget" --tsne-points 500 --no-progress --out "$work/$PRESET" \
+  "${run_flags[@]}" "$@" \
   2>&1 | tee -a "$OUT_DIR/run.log"
 # 3. The shipped encoder's folder (fp16 weights, results, sha256; SHIP=0 skips it, e.g. for ResNet-50, whose weights
 #    are over the folder's 25 MB). Over 25 MB it is still made, up to 64 MB, so the weights come back to be trimmed.

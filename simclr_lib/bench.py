@@ -61,6 +61,11 @@ class PILTwoViews(Dataset):
         return self.transform(image), self.transform(image)
 
 
+def _error_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"[:300]
+
+
 def seconds_per_call(fn: Callable[[], Any], device: torch.device, repeat: int, warmup: int = 2) -> float:
     """Median wall time of `fn` over `repeat` calls after `warmup` untimed ones, with the device synchronised."""
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
@@ -78,15 +83,26 @@ def seconds_per_call(fn: Callable[[], Any], device: torch.device, repeat: int, w
 
 def bench_augmentation(images: torch.Tensor, device: torch.device, batch: int = 512, repeat: int = 20,
                        compile: bool = False) -> dict[str, Any]:
-    """Images/s of the batched augmentation on `device` and of the per-image paths (PIL, torchvision tensors)."""
+    """Images/s of the batched augmentation on `device` (also compiled with `compile`) and of the per-image paths
+    (PIL, torchvision tensors)."""
     images = images[:batch]
     augment = SimCLRAugment().to(device)
-    apply = torch.compile(augment.apply) if compile else augment.apply
     on_device = images.to(device)
     generator = torch.Generator(device=device).manual_seed(0)
     _, _, h, w = images.shape
-    batched_s = seconds_per_call(lambda: apply(on_device, augment.sample_params(batch, h, w, generator, device)),
-                                 device, repeat, warmup=3 if compile else 2)
+
+    def batched_seconds(apply: Callable[..., torch.Tensor], warmup: int) -> float:
+        return seconds_per_call(lambda: apply(on_device, augment.sample_params(batch, h, w, generator, device)),
+                                device, repeat, warmup)
+
+    batched_s = batched_seconds(augment.apply, warmup=2)
+    compiled = {}
+    if compile:
+        try:
+            apply = torch.compile(augment.apply, dynamic=False)
+            compiled = {"compiled_images_per_s": batch / batched_seconds(apply, warmup=3)}
+        except Exception as exc:  # whatever the compiler raises, the eager figure stands
+            compiled = {"compile_error": _error_line(exc)}
     pipeline = pil_pipeline()
     pil_images = [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images]
     pil_s = seconds_per_call(lambda: torch.stack([pipeline(image) for image in pil_images]),
@@ -95,7 +111,7 @@ def bench_augmentation(images: torch.Tensor, device: torch.device, batch: int = 
     cpu_augment = SimCLRAugment()
     ref_s = seconds_per_call(lambda: [reference_view(images[i], params, i, cpu_augment) for i in range(batch)],
                              torch.device("cpu"), 3, warmup=0)
-    return {"batch": batch, "compiled": compile, "batched_images_per_s": batch / batched_s,
+    return {"batch": batch, "batched_images_per_s": batch / batched_s, **compiled,
             "pil_images_per_s": batch / pil_s, "reference_images_per_s": batch / ref_s,
             "speedup_vs_pil": pil_s / batched_s, "speedup_vs_reference": ref_s / batched_s}
 
@@ -149,13 +165,17 @@ def _peak_mb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
 
 
-def _views_per_s(step: Callable[[], None], device: torch.device, warmup: int, steps: int, batch_size: int) -> float:
-    for _ in range(warmup):
-        step()
-    return 2 * batch_size * steps / seconds_per_call(lambda: [step() for _ in range(steps)], device, 1, warmup=0)
+def _views_per_s(step: Callable[[], None], device: torch.device, warmup: int, steps: int,
+                 batch_size: int) -> tuple[float, float]:
+    """Views/s over `steps` timed steps, and the seconds that the `warmup` untimed steps before them took beyond
+    the same number of timed ones: the one-off cost of compilation and autotuning."""
+    first = seconds_per_call(lambda: [step() for _ in range(warmup)], device, 1, warmup=0)
+    seconds = seconds_per_call(lambda: [step() for _ in range(steps)], device, 1, warmup=0)
+    return 2 * batch_size * steps / seconds, max(0.0, first - warmup * seconds / steps)
 
 
-def _fast_path(images: torch.Tensor, device: torch.device, config: Config, steps: int, compile: bool) -> float:
+def _fast_path(images: torch.Tensor, device: torch.device, config: Config, steps: int,
+               compile: bool) -> tuple[float, float]:
     step = _train_step(config, device, compile)
     data = ImageData(images, torch.zeros(len(images), dtype=torch.long), ["x"])
     source = BatchSource(data, "device", config.batch_size, 0, device)
@@ -177,24 +197,43 @@ def _dataloader_path(images: torch.Tensor, device: torch.device, config: Config,
         step.on_views(to_layout(torch.cat([v1, v2]).to(device, non_blocking=True), step.model))
 
     # Enough untimed steps that the workers' prefetch queue has drained to its steady state.
-    return _views_per_s(one, device, max(2, 2 * workers), steps, config.batch_size)
+    return _views_per_s(one, device, max(2, 2 * workers), steps, config.batch_size)[0]
 
 
 def bench_train_step(images: torch.Tensor, device: torch.device, batch_size: int, width: int, steps: int,
-                     workers: int, compile: bool = False, backbone: str = "resnet18") -> dict[str, Any]:
+                     workers: int, backbone: str = "resnet18") -> dict[str, Any]:
     """Views/s of whole training steps (augmentation included) for a CIFAR-stem ResNet at `width`: the fast path
     (uint8 data on the device, batched augmentation) and the per-image path (PIL in DataLoader workers), with the
     fast path's achieved TFLOPS and its fraction of the GPU's tensor peak where the card is known."""
     config = make_config("quick", backbone=backbone, width=width, batch_size=batch_size, train_subset=None)
-    fast, fast_peak = _fast_path(images, device, config, steps, compile), _peak_mb(device)
+    fast, _ = _fast_path(images, device, config, steps, compile=False)
+    fast_peak = _peak_mb(device)
     classic = _dataloader_path(images, device, config, steps, workers)
     flops = train_flops_per_view(config)
     peak = tensor_peak_tflops(device_description(device)) if device.type == "cuda" else None
     return {"backbone": backbone, "batch_size": batch_size, "width": width, "steps": steps, "workers": workers,
-            "compiled": compile, "fast_views_per_s": fast, "dataloader_views_per_s": classic,
+            "fast_views_per_s": fast, "dataloader_views_per_s": classic,
             "speedup": fast / classic, "fast_peak_mb": fast_peak, "dataloader_peak_mb": _peak_mb(device),
             "train_gflops_per_view": flops / 1e9, "fast_tflops": fast * flops / 1e12, "tensor_peak_tflops": peak,
             "fraction_of_peak": fast * flops / 1e12 / peak if peak else None}
+
+
+def bench_compiled_step(images: torch.Tensor, device: torch.device, row: dict[str, Any]) -> dict[str, Any]:
+    """The fast path of a `bench_train_step` row compiled by torch.compile (model, augmentation, loss): views/s,
+    peak memory, TFLOPS and the one-off compile time; a compiler that fails here is an answer too (`compile_error`)."""
+    config = make_config("quick", backbone=row["backbone"], width=row["width"], batch_size=row["batch_size"],
+                         train_subset=None)
+    try:
+        views, compile_seconds = _fast_path(images, device, config, row["steps"], compile=True)
+    except Exception as exc:  # whatever the compiler raises, the eager figures stand
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"compile_error": _error_line(exc)}
+    tflops, peak = views * row["train_gflops_per_view"] / 1e3, row["tensor_peak_tflops"]
+    return {"compiled_views_per_s": views, "compile_seconds": compile_seconds, "compiled_peak_mb": _peak_mb(device),
+            "compiled_tflops": tflops, "compiled_fraction_of_peak": tflops / peak if peak else None,
+            "compile_speedup": views / row["fast_views_per_s"]}
 
 
 def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), width: int | None = None,
@@ -222,26 +261,55 @@ def run_bench(device: str = "auto", batch_sizes: Sequence[int] = (256, 512), wid
                               "python": platform.python_version(), "cpu_count": os.cpu_count(),
                               "torch_threads": torch.get_num_threads(), "data": data_note,
                               "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+
+    def save() -> None:  # after every part, so that a crash or a time limit later keeps what was measured
+        if out is not None:
+            Path(out).parent.mkdir(parents=True, exist_ok=True)
+            Path(out).write_text(json.dumps(result, indent=2) + "\n")
+
     progress(f"bench on {result['device']} with {data_note}")
     progress(f"augmentation ({augment_batch} images) ...")
     result["augmentation"] = bench_augmentation(images, dev, augment_batch, compile=compile)
     progress(f"loss (N={loss_n}, D=128) ...")
     result["loss"] = bench_loss(dev, loss_n)
     result["train_step"] = []
+    save()
     for batch_size in batch_sizes:
         progress(f"training step, batch {batch_size}, {backbone} CIFAR width {width} ...")
         try:
-            row = bench_train_step(images, dev, batch_size, width, steps, workers, compile, backbone)
+            row = bench_train_step(images, dev, batch_size, width, steps, workers, backbone)
         except torch.cuda.OutOfMemoryError:  # an answer too: this batch does not fit on this card
             gc.collect()
             torch.cuda.empty_cache()
             row = {"backbone": backbone, "batch_size": batch_size, "width": width, "out_of_memory": True}
             progress(f"  batch {batch_size}: out of GPU memory")
         result["train_step"].append(row)
-        if out is not None:  # after every batch size, so that a crash at the next one keeps the rows so far
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps(result, indent=2) + "\n")
+        save()
+        if compile and not row.get("out_of_memory"):
+            progress(f"  the same step compiled (batch {batch_size}) ...")
+            row.update(bench_compiled_step(images, dev, row))
+            if "compile_error" in row:
+                progress(f"  compiling failed: {row['compile_error']}")
+            save()
     return result
+
+
+def compile_decision(bench: dict[str, Any], config: Config, seconds: float,
+                     margin: float = 1.05) -> tuple[bool, str]:
+    """Whether to compile a run of `config` with `seconds` of pretraining, from a bench with `--compile` at its
+    backbone, width and batch size: yes when the compiled step, its compile time (cold, as the bench paid it)
+    taken off `seconds`, trains at least `margin` times the views of the eager one; and why, in one line."""
+    rows = [r for r in bench.get("train_step", []) if "compiled_views_per_s" in r
+            and (r["backbone"], r["width"], r["batch_size"]) == (config.backbone, config.width, config.batch_size)]
+    if not rows:
+        return False, (f"compile: no (the bench has no compiled {config.backbone} width {config.width} row at batch "
+                       f"{config.batch_size})")
+    row = rows[-1]
+    left = max(0.0, seconds - row["compile_seconds"])
+    gain = row["compiled_views_per_s"] * left / (row["fast_views_per_s"] * seconds)
+    return gain >= margin, (f"compile: {'yes' if gain >= margin else 'no'} (batch {config.batch_size}: compiled "
+                            f"{row['compiled_views_per_s']:,.0f} vs eager {row['fast_views_per_s']:,.0f} views/s, "
+                            f"compile {row['compile_seconds']:.0f} s: {gain:.2f}x the views in {seconds:.0f} s)")
 
 
 def format_bench(result: dict[str, Any]) -> str:
@@ -253,6 +321,9 @@ def format_bench(result: dict[str, Any]) -> str:
              f"{aug['pil_images_per_s']:,.0f} (PIL)", f"{aug['speedup_vs_pil']:.1f}x"),
             ("", "", f"{aug['reference_images_per_s']:,.0f} (torchvision tensors)",
              f"{aug['speedup_vs_reference']:.1f}x"),
+            *([("  the same, compiled", f"{aug['compiled_images_per_s']:,.0f}", "eager (above)",
+                f"{aug['compiled_images_per_s'] / aug['batched_images_per_s']:.2f}x")]
+              if "compiled_images_per_s" in aug else []),
             (f"loss fwd+bwd, ms (N={loss['n']}, D={loss['dim']})", f"{loss['ours_ms']:.2f}",
              f"{loss['mask_and_gather_ms']:.2f} (mask and gather)", f"{loss['speedup']:.1f}x")]
     for r in result["train_step"]:
@@ -269,6 +340,13 @@ def format_bench(result: dict[str, Any]) -> str:
                      f"train step, views/s ({name} w{r['width']}, batch {r['batch_size']}{memory})",
                      f"{r['fast_views_per_s']:,.0f}", f"{r['dataloader_views_per_s']:,.0f} (PIL DataLoader, "
                      f"{r['workers']} workers)", f"{r['speedup']:.1f}x"))
+        if "compile_error" in r:
+            rows.append(("  the same step compiled", "failed", r["compile_error"][:60], ""))
+        if "compiled_views_per_s" in r:
+            peak = f", {r['compiled_fraction_of_peak']:.0%} of peak" if r.get("compiled_fraction_of_peak") else ""
+            rows.append((f"  the same step compiled ({r['compiled_tflops']:.3g} TFLOPS{peak}, compiled in "
+                         f"{r['compile_seconds']:.0f} s)", f"{r['compiled_views_per_s']:,.0f}", "eager (above)",
+                         f"{r['compile_speedup']:.2f}x"))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines += ["  ".join(cell.ljust(w) if i in (0, 2) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
               for row in rows]

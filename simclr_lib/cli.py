@@ -109,7 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--steps", type=_at_least(1), help="timed training steps (default: 30 on a GPU, 4 on a CPU)")
     bn.add_argument("--workers", type=_at_least(0),
                     help="DataLoader workers of the per-image path (default: CPU cores, at most 16)")
-    bn.add_argument("--compile", action="store_true", help="torch.compile the fast path (model, augmentation, loss)")
+    bn.add_argument("--compile", action="store_true",
+                    help="also time the fast path compiled by torch.compile (model, augmentation, loss) and its "
+                    "compile time")
     bn.add_argument("--data-root", default="data", help="CIFAR-10 location (random images when it is missing)")
     bn.add_argument("--out", default=None, help="JSON file (default: runs/bench-<timestamp>.json)")
     return parser

@@ -4,6 +4,7 @@ metrics log, kNN monitor, full-state checkpoints and exact resume."""
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import json
 import math
@@ -107,9 +108,11 @@ class TrainStep:
         if self.dist.enabled:
             from torch.nn.parallel import DistributedDataParallel
             network = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        self.forward = torch.compile(network) if compile else network
-        self.apply_augment = torch.compile(augment.apply) if compile else augment.apply
-        self.loss_fn = torch.compile(nt_xent_loss) if compile else nt_xent_loss
+        # Static shapes (every batch is full): a second batch size in one process (the bench) gets its own graph
+        # instead of a slower dynamic-shape one.
+        compiled = functools.partial(torch.compile, dynamic=False) if compile else (lambda fn: fn)
+        self.forward, self.apply_augment = compiled(network), compiled(augment.apply)
+        self.loss_fn = compiled(nt_xent_loss)
 
     def views(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Both views of a uint8 batch (B, 3, H, W) as one (2B, 3, S, S) tensor: first views, then second views."""

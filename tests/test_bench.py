@@ -129,3 +129,63 @@ def test_bench_never_overwrites(tmp_path, capsys):
     out.write_text("{}")
     assert main(["bench", "--device", "cpu", "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err and out.read_text() == "{}"
+
+
+def test_bench_compile_times_the_compiled_step_beside_the_eager_one(tmp_path, monkeypatch):
+    # torch.compile itself is torch's (tests/test_train.py checks compiled augmentation and loss against eager);
+    # here a stand-in records what is compiled, and the bench must time that beside the eager step.
+    compiled = []
+
+    def stand_in(fn, **kwargs):
+        compiled.append(kwargs)
+        return fn
+
+    monkeypatch.setattr(torch, "compile", stand_in)
+    out = tmp_path / "bench.json"
+    result = run_bench("cpu", batch_sizes=[8], width=2, steps=1, workers=0, compile=True, data_root=tmp_path / "none",
+                       out=out, progress=lambda _: None, augment_batch=16, loss_n=16)
+    assert len(compiled) == 4 and all(kwargs == {"dynamic": False} for kwargs in compiled)  # augmentation; step
+    (row,) = json.loads(out.read_text())["train_step"]
+    assert row["fast_views_per_s"] > 0 and row["compiled_views_per_s"] > 0 and row["compile_seconds"] >= 0
+    assert row["compile_speedup"] == pytest.approx(row["compiled_views_per_s"] / row["fast_views_per_s"])
+    assert row["compiled_tflops"] == pytest.approx(row["compiled_views_per_s"] * row["train_gflops_per_view"] / 1e3)
+    assert result["augmentation"]["compiled_images_per_s"] > 0
+    assert re.search(r"the same step compiled .*compiled in \d+ s\)\s+[\d,]+\s+eager", format_bench(result))
+
+
+def test_a_compiler_that_fails_leaves_the_eager_figures(tmp_path, monkeypatch):
+    def broken(fn, **kwargs):
+        def call(*args, **kw):
+            raise RuntimeError("no C compiler\nmore lines")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    out = tmp_path / "bench.json"
+    result = run_bench("cpu", batch_sizes=[8], width=2, steps=1, workers=0, compile=True, data_root=tmp_path / "none",
+                       out=out, progress=lambda _: None, augment_batch=16, loss_n=16)
+    (row,) = json.loads(out.read_text())["train_step"]
+    error = "RuntimeError: no C compiler"  # the first line
+    assert row["fast_views_per_s"] > 0 and row["compile_error"] == error and "compiled_views_per_s" not in row
+    assert result["augmentation"]["compile_error"] == error
+    assert re.search(r"the same step compiled\s+failed\s+RuntimeError: no C compiler", format_bench(result))
+    assert not bench.compile_decision(result, make_config("quick", width=2, batch_size=8), 300)[0]
+
+
+def _bench_row(compiled, compile_seconds, width=64, batch_size=512):
+    return {"backbone": "resnet18", "width": width, "batch_size": batch_size, "fast_views_per_s": 50_000.0,
+            "compiled_views_per_s": compiled, "compile_seconds": compile_seconds}
+
+
+@pytest.mark.parametrize("row, seconds, pays", [
+    (_bench_row(75_000, 60), 300, True),    # 1.5x on 240 of 300 s: 1.2x the views
+    (_bench_row(60_000, 60), 300, False),   # 1.2x on 240 of 300 s: 0.96x
+    (_bench_row(75_000, 60), 90, False),    # a short budget: 0.5x
+    (_bench_row(55_000, 0), 300, True),     # 1.1x for nothing: yes (over the 5 % margin)
+    (_bench_row(52_000, 0), 300, False),    # 1.04x: inside the 5 % margin, not worth a compiler
+    (_bench_row(90_000, 10, width=8), 300, False),       # another width: the bench did not time this run's step
+    (_bench_row(90_000, 10, batch_size=256), 300, False),  # another batch size
+])
+def test_compile_decision_counts_the_compile_time_against_the_budget(row, seconds, pays):
+    config = make_config("cifar10-r18-10min")
+    decision, why = bench.compile_decision({"train_step": [row]}, config, seconds)
+    assert decision is pays and why.startswith(f"compile: {'yes' if pays else 'no'}")

@@ -58,12 +58,12 @@ def results_table() -> str:
             "(kNN / linear) | published for the recipe |", "|---|---|---|---|---|---|---|"]
     for folder in sorted(p for p in RESULTS.iterdir() if (p / "summary.json").is_file()):
         s, e = read(folder.name, "summary"), read(folder.name, "eval")
-        budget = (json.loads(config.read_text()).get("time_budget") if (config := folder / "config.json").is_file()
-                  else None)
-        full = PRESETS.get(s["preset"], {}).get("epochs", s["epochs"])
+        config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else {}
+        budget, full = config.get("time_budget"), PRESETS.get(s["preset"], {}).get("epochs", s["epochs"])
         epochs = (f"{s['epochs']} of {full} epochs (all that fit {budget:.0f} s)" if budget and s["epochs"] < full
                   else f"{s['epochs']} epochs")
-        rows.append(f"| `{folder.name}`: `{s['preset']}`, {epochs}, batch {s['batch_size']} | "
+        compiled = ", torch.compile" if config.get("compile") else ""
+        rows.append(f"| `{folder.name}`: `{s['preset']}`, {epochs}, batch {s['batch_size']}{compiled} | "
                     f"{s['device']} | {s['pretrain_seconds']:.0f} s / {s['total_seconds']:.0f} s | "
                     f"{_pct(e['knn']['top1'])} | {_pct(e['linear']['top1'])} | "
                     f"{_pct(e['knn']['random_init_top1'])} / {_pct(e['linear']['random_init_top1'])} | "

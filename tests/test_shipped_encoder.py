@@ -3,6 +3,7 @@ finished run, every command loads it and checks its sha256; the committed one, o
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -127,10 +128,13 @@ def gpu_job_output(run: Path, work: Path, out: Path, ship: bool = True, part_siz
     out.mkdir()
     subprocess.run(f"tar -C {work} -cf - {' '.join(names)} | split -b {part_size} -d - {out}/results.tar.part-",
                    shell=True, check=True)
-    bench = {"device": "NVIDIA H200", "train_step": [{"backbone": "resnet18", "batch_size": 512,
-             "fast_views_per_s": 1.0, "fast_tflops": 1.0, "fraction_of_peak": 0.1, "fast_peak_mb": 1024.0,
-             "dataloader_views_per_s": 1.0}, {"backbone": "resnet18", "batch_size": 4096, "width": 64,
-             "out_of_memory": True}]}
+    step = {"backbone": "resnet18", "width": 64, "fast_views_per_s": 1.0, "fast_tflops": 1.0, "fraction_of_peak": 0.1,
+            "fast_peak_mb": 1024.0, "dataloader_views_per_s": 1.0}
+    bench = {"device": "NVIDIA H200", "train_step": [
+        {**step, "batch_size": 512, "compiled_views_per_s": 81_234.0, "compiled_tflops": 268.0,
+         "compiled_fraction_of_peak": 0.27, "compile_seconds": 45.2},
+        {**step, "batch_size": 1024, "compile_error": "BackendCompilerFailed: no"},
+        {"backbone": "resnet18", "batch_size": 4096, "width": 64, "out_of_memory": True}]}
     (out / "bench.json").write_text(json.dumps(bench))
     (out / "run.log").write_text("pretraining budget: 300 s\n")
     return out
@@ -157,9 +161,14 @@ def test_landing_the_gpu_jobs_output_puts_each_file_where_the_docs_read_it(finis
     sync_numbers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sync_numbers)
     monkeypatch.setattr(sync_numbers, "RESULTS", root / "docs" / "results")
-    assert f"`{preset}-cpu`" in sync_numbers.results_table()
-    assert "| NVIDIA H200 | resnet18 | 512 |" in sync_numbers.gpu_bench()
-    assert "| NVIDIA H200 | resnet18 | 4096 | out of memory |" in sync_numbers.gpu_bench()
+    assert f"`{preset}-cpu`" in sync_numbers.results_table() and "torch.compile" not in sync_numbers.results_table()
+    config = json.loads((results / "config.json").read_text())
+    (results / "config.json").write_text(json.dumps({**config, "compile": True}))
+    assert re.search(r"batch \d+, torch.compile \|", sync_numbers.results_table())  # a compiled run says so
+    table = sync_numbers.gpu_bench()
+    assert "| NVIDIA H200 | resnet18 | 512 | 1 | 1 (10%) | 81,234, 268 (27%), 45 s |" in table
+    assert "| NVIDIA H200 | resnet18 | 1024 | 1 | 1 (10%) | failed to compile |" in table
+    assert "| NVIDIA H200 | resnet18 | 4096 | out of memory |" in table
 
 
 @pytest.mark.skipif(shutil.which("tar") is None or shutil.which("split") is None, reason="needs tar and split")

@@ -115,22 +115,23 @@ def gpu_bench() -> str:
     files = sorted((RESULTS / "gpu-bench").glob("*.json"))
     if not files:
         return "Not measured yet: no GPU bench file in `docs/results/gpu-bench/`.\n"
-    rows = ["| device | backbone | batch | views/s | TFLOPS (% of tensor peak) | compiled: views/s, TFLOPS (% of "
-            "peak), compile time | peak memory | per-image DataLoader path |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| device | backbone, recipe | batch | views/s | TFLOPS (% of tensor peak) | compiled: views/s, TFLOPS "
+            "(% of peak), compile time | peak memory | per-image DataLoader path |", "|---" * 8 + "|"]
     for path in files:
         bench = json.loads(path.read_text())
         for r in bench["train_step"]:
+            step = r.get("backbone", "resnet18") + (f", `{r['preset']}`" if "preset" in r else "")
             if r.get("out_of_memory"):
-                rows.append(f"| {bench['device']} | {r['backbone']} | {r['batch_size']} | out of memory |"
-                            + " - |" * 4)
+                rows.append(f"| {bench['device']} | {step} | {r['batch_size']} | out of memory |" + " - |" * 4)
                 continue
             peak = f" ({r['fraction_of_peak']:.0%})" if r.get("fraction_of_peak") else ""
-            compiled = "failed to compile" if "compile_error" in r else "not measured"
+            compiled = f"failed ({r['compile_error'].split(':')[0]})" if "compile_error" in r else "not measured"
             if "compiled_views_per_s" in r:
                 compiled_peak = f" ({r['compiled_fraction_of_peak']:.0%})" if r.get("compiled_fraction_of_peak") else ""
+                cached = f" ({r['cached_compile_seconds']:.0f} s cached)" if "cached_compile_seconds" in r else ""
                 compiled = (f"{r['compiled_views_per_s']:,.0f}, {r['compiled_tflops']:.0f}{compiled_peak}, "
-                            f"{r['compile_seconds']:.0f} s")
-            rows.append(f"| {bench['device']} | {r.get('backbone', 'resnet18')} | {r['batch_size']} | "
+                            f"{r['compile_seconds']:.0f} s{cached}")
+            rows.append(f"| {bench['device']} | {step} | {r['batch_size']} | "
                         f"{r['fast_views_per_s']:,.0f} | {r.get('fast_tflops', 0):.0f}{peak} | {compiled} | "
                         f"{_gib(r['fast_peak_mb'])} | {r['dataloader_views_per_s']:,.0f} views/s |")
     return "\n".join(rows) + "\n"

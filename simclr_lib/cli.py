@@ -104,7 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "process on one device.")
     bn.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     bn.add_argument("--batch-sizes", default="256,512", metavar="B,B", help="training-step batch sizes")
-    bn.add_argument("--backbone", default="resnet18", choices=("resnet18", "resnet50"), help="the encoder timed")
+    bn.add_argument("--preset", default="quick", choices=list(PRESETS),
+                    help="time the training step of a run of this preset (head, augmentation, optimiser, temperature)")
+    bn.add_argument("--backbone", default=None, choices=("resnet18", "resnet50"),
+                    help="the encoder timed (default: the preset's)")
     bn.add_argument("--width", type=_at_least(1), help="ResNet width (default: 64 on a GPU, 8 on a CPU)")
     bn.add_argument("--steps", type=_at_least(1), help="timed training steps (default: 30 on a GPU, 4 on a CPU)")
     bn.add_argument("--workers", type=_at_least(0),
@@ -205,7 +208,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
     if out.exists():
         raise UserError(f"{out} already exists: choose another --out")
     result = run_bench(args.device, batch_sizes, args.width, args.steps, args.workers, args.compile,
-                       args.data_root, out, backbone=args.backbone)
+                       args.data_root, out, backbone=args.backbone, preset=args.preset)
     print(format_bench(result))
     print(f"wrote {out}")
 

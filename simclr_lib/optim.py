@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .config import LR_SCALINGS, OPTIMIZERS
+from .config import LR_SCALINGS, OPTIMIZERS, Config
 from .errors import UserError
 
 
@@ -90,6 +90,13 @@ def build_optimizer(name: str, model: nn.Module, lr: float, weight_decay: float,
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr)
     raise UserError(f"unknown optimizer {name!r}: choose one of {', '.join(OPTIMIZERS)}")
+
+
+def optimizer_for(config: Config, model: nn.Module) -> torch.optim.Optimizer:
+    """The optimiser a config asks for over `model`, its learning rate scaled to the batch size."""
+    return build_optimizer(config.optimizer, model, scaled_lr(config.lr, config.batch_size, config.lr_scaling),
+                           config.weight_decay, config.momentum, config.weight_decay_all, config.lars_eta,
+                           config.lars_clip)
 
 
 def warmup_cosine(step: int, total_steps: int, warmup_steps: int, final_fraction: float = 0.0) -> float:

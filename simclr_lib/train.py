@@ -30,7 +30,7 @@ from .errors import Interrupted, TrainingDiverged, UserError
 from .evaluate import extract_features, knn_accuracy
 from .loss import contrastive_accuracy, nt_xent_loss
 from .models import SimCLR, build_model, load_model_state
-from .optim import WarmupCosineSchedule, build_optimizer, scaled_lr
+from .optim import WarmupCosineSchedule, optimizer_for
 from .runtime import autocast, on_device, resolve_device, resolve_precision, step_seed, to_layout
 
 
@@ -235,10 +235,7 @@ class Pretraining:
         model = build_model(config, splits.mean, splits.std)
         self.model = on_device(distributed.convert_batchnorm(model) if info.enabled and config.sync_bn else model,
                                self.device)
-        self.optimizer = build_optimizer(config.optimizer, self.model,
-                                         scaled_lr(config.lr, config.batch_size, config.lr_scaling),
-                                         config.weight_decay, config.momentum, config.weight_decay_all,
-                                         config.lars_eta, config.lars_clip)
+        self.optimizer = optimizer_for(config, self.model)
         self.step_fn = TrainStep(self.model, make_augment(config, splits).to(self.device), self.optimizer,
                                  self._schedule(), config.temperature, self.device, config.compile, info,
                                  config.precision, config.bn_per_view)
@@ -290,6 +287,7 @@ class Pretraining:
         sync = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         warmup_steps = min(warmup_steps, self.steps_per_epoch - 1)
         measured_steps = max(1, min(measured_steps, self.steps_per_epoch - warmup_steps))
+        started = time.perf_counter()
         for i, batch in enumerate(itertools.islice(self.source.epoch(0), warmup_steps + measured_steps)):
             if i == warmup_steps:
                 sync()
@@ -309,7 +307,9 @@ class Pretraining:
         for part, state in zip(parts, saved):
             part.load_state_dict(state)
         # The monitor runs every knn_every epochs; with knn_every 0 once, after the last epoch: off the time left.
+        # first_steps_seconds: the untimed steps, compilation and autotuning included (the compiler's cost in a run)
         fit = {"step_seconds": (t1 - t0) / measured_steps, "measured_steps": measured_steps,
+               "first_steps": warmup_steps, "first_steps_seconds": t0 - started,
                "monitor_seconds": monitor / config.knn_every if config.knn_every else 0.0,
                "checkpoint_seconds": checkpoint}
         epoch_seconds = self.steps_per_epoch * fit["step_seconds"] + fit["monitor_seconds"]

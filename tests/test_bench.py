@@ -59,12 +59,12 @@ def test_a_batch_that_does_not_fit_is_a_row_and_every_row_is_saved_at_once(tmp_p
     # crash at a later batch size keeps the rows measured before it.
     measured = bench.bench_train_step
 
-    def step(images, device, batch_size, *args):
-        if batch_size == 16:
+    def step(splits, device, config, *args):
+        if config.batch_size == 16:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        if batch_size == 24:
+        if config.batch_size == 24:
             raise RuntimeError("the machine went away")
-        return measured(images, device, batch_size, *args)
+        return measured(splits, device, config, *args)
 
     monkeypatch.setattr(bench, "bench_train_step", step)
     out = tmp_path / "bench.json"
@@ -74,7 +74,7 @@ def test_a_batch_that_does_not_fit_is_a_row_and_every_row_is_saved_at_once(tmp_p
     saved = json.loads(out.read_text())
     fits, too_big = saved["train_step"]
     assert fits["batch_size"] == 8 and fits["fast_views_per_s"] > 0 and "out_of_memory" not in fits
-    assert too_big == {"backbone": "resnet18", "batch_size": 16, "width": 2, "out_of_memory": True}
+    assert too_big == {"preset": "quick", "backbone": "resnet18", "batch_size": 16, "width": 2, "out_of_memory": True}
     assert re.search(r"batch 16\)\s+out of memory", format_bench(saved))
 
 
@@ -132,25 +132,39 @@ def test_bench_never_overwrites(tmp_path, capsys):
 
 
 def test_bench_compile_times_the_compiled_step_beside_the_eager_one(tmp_path, monkeypatch):
-    # torch.compile itself is torch's (tests/test_train.py checks compiled augmentation and loss against eager);
-    # here a stand-in records what is compiled, and the bench must time that beside the eager step.
-    compiled = []
+    # torch.compile itself is torch's (tests/test_train.py checks compiled augmentation and loss against eager, and
+    # that a compiled run never recompiles); here a stand-in records what is compiled and that the compiled
+    # callables are what the bench then runs.
+    compiled, calls = [], {}
 
     def stand_in(fn, **kwargs):
         compiled.append(kwargs)
-        return fn
+        name = getattr(fn, "__name__", type(fn).__name__)
+
+        def call(*args, **kw):
+            calls[name] = calls.get(name, 0) + 1
+            return fn(*args, **kw)
+        return call
 
     monkeypatch.setattr(torch, "compile", stand_in)
     out = tmp_path / "bench.json"
     result = run_bench("cpu", batch_sizes=[8], width=2, steps=1, workers=0, compile=True, data_root=tmp_path / "none",
-                       out=out, progress=lambda _: None, augment_batch=16, loss_n=16)
-    assert len(compiled) == 4 and all(kwargs == {"dynamic": False} for kwargs in compiled)  # augmentation; step
+                       out=out, progress=lambda _: None, augment_batch=16, loss_n=16, preset="cifar10-r18-10min")
+    # the augmentation alone, then the step twice (cold, then with the cache warm): model, augmentation, loss
+    assert compiled == [{"dynamic": False}] * 7
+    steps = 2 * (3 + 1)  # twice: 3 first steps and 1 timed one
+    assert calls == {"apply": 3 + 20 + 2 * steps, "SimCLR": steps, "nt_xent_loss": steps}  # two views a step
     (row,) = json.loads(out.read_text())["train_step"]
-    assert row["fast_views_per_s"] > 0 and row["compiled_views_per_s"] > 0 and row["compile_seconds"] >= 0
+    assert row["fast_views_per_s"] > 0 and row["compiled_views_per_s"] > 0
+    assert row["compile_seconds"] >= 0 and row["cached_compile_seconds"] >= 0
     assert row["compile_speedup"] == pytest.approx(row["compiled_views_per_s"] / row["fast_views_per_s"])
     assert row["compiled_tflops"] == pytest.approx(row["compiled_views_per_s"] * row["train_gflops_per_view"] / 1e3)
     assert result["augmentation"]["compiled_images_per_s"] > 0
-    assert re.search(r"the same step compiled .*compiled in \d+ s\)\s+[\d,]+\s+eager", format_bench(result))
+    assert re.search(r"the same step compiled .*compiled in \d+ s, \d+ s cached\)\s+[\d,]+\s+eager",
+                     format_bench(result))
+    # the decision reads the rows the bench writes
+    decision, why = bench.compile_decision(result, make_config("cifar10-r18-10min", width=2, batch_size=8), 1e6)
+    assert why.startswith(f"compile: {'yes' if decision else 'no'} (batch 8: compiled ")
 
 
 def test_a_compiler_that_fails_leaves_the_eager_figures(tmp_path, monkeypatch):
@@ -171,9 +185,9 @@ def test_a_compiler_that_fails_leaves_the_eager_figures(tmp_path, monkeypatch):
     assert not bench.compile_decision(result, make_config("quick", width=2, batch_size=8), 300)[0]
 
 
-def _bench_row(compiled, compile_seconds, width=64, batch_size=512):
-    return {"backbone": "resnet18", "width": width, "batch_size": batch_size, "fast_views_per_s": 50_000.0,
-            "compiled_views_per_s": compiled, "compile_seconds": compile_seconds}
+def _bench_row(compiled, compile_seconds, width=64, batch_size=512, preset="cifar10-r18-10min"):
+    return {"preset": preset, "backbone": "resnet18", "width": width, "batch_size": batch_size,
+            "fast_views_per_s": 50_000.0, "compiled_views_per_s": compiled, "compile_seconds": compile_seconds}
 
 
 @pytest.mark.parametrize("row, seconds, pays", [
@@ -184,8 +198,38 @@ def _bench_row(compiled, compile_seconds, width=64, batch_size=512):
     (_bench_row(52_000, 0), 300, False),    # 1.04x: inside the 5 % margin, not worth a compiler
     (_bench_row(90_000, 10, width=8), 300, False),       # another width: the bench did not time this run's step
     (_bench_row(90_000, 10, batch_size=256), 300, False),  # another batch size
+    (_bench_row(90_000, 10, preset="quick"), 300, False),  # another recipe's step (head, optimiser)
 ])
 def test_compile_decision_counts_the_compile_time_against_the_budget(row, seconds, pays):
     config = make_config("cifar10-r18-10min")
     decision, why = bench.compile_decision({"train_step": [row]}, config, seconds)
     assert decision is pays and why.startswith(f"compile: {'yes' if pays else 'no'}")
+
+
+def test_the_bench_times_the_step_of_the_preset_it_is_given(tmp_path):
+    # --preset cifar10-r18-10min times what that run trains: SGD at 0.12 x 512/256 with weight decay on every
+    # parameter, BatchNorm in the head, T 0.5 (the GPU job compiles the run only from this row)
+    splits, _ = bench._bench_data(tmp_path / "none", 16)
+    step = bench._train_step(splits, make_config("cifar10-r18-10min", width=2), torch.device("cpu"), compile=False)
+    assert isinstance(step.optimizer, torch.optim.SGD) and step.temperature == 0.5
+    assert [g["initial_lr"] for g in step.optimizer.param_groups] == pytest.approx([0.24, 0.24])  # before warmup
+    assert [g["weight_decay"] for g in step.optimizer.param_groups] == [5e-4, 5e-4]
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in step.model.modules())
+    result = run_bench("cpu", batch_sizes=[8], width=2, steps=1, workers=0, data_root=tmp_path / "none",
+                       progress=lambda _: None, augment_batch=16, loss_n=16, preset="cifar10-r18-10min")
+    (row,) = result["train_step"]
+    assert (row["preset"], row["backbone"], row["batch_size"]) == ("cifar10-r18-10min", "resnet18", 8)
+    assert "training step of cifar10-r18-10min" in format_bench(result)
+
+
+def test_the_jobs_decision_command_exits_0_to_compile_and_1_otherwise(tmp_path, capsys):
+    # scripts/gpu_check.sh runs `python -m simclr_lib.bench BENCH_JSON PRESET SECONDS` and compiles on status 0
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps({"train_step": [_bench_row(90_000, 20)]}))
+    assert bench.decide([str(path), "cifar10-r18-10min", "300"]) == 0
+    assert capsys.readouterr().out.startswith("compile: yes (batch 512: compiled 90,000 vs eager 50,000 views/s")
+    assert bench.decide([str(path), "seed-r50-bs256", "300"]) == 1  # no row of that preset's step
+    path.write_text('{"train_step": [{"pres')  # cut short
+    assert bench.decide([str(path), "cifar10-r18-10min", "300"]) == 1
+    assert bench.decide([str(tmp_path / "none.json"), "cifar10-r18-10min", "300"]) == 1
+    assert "unreadable" in capsys.readouterr().out

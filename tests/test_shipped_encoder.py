@@ -128,8 +128,8 @@ def gpu_job_output(run: Path, work: Path, out: Path, ship: bool = True, part_siz
     out.mkdir()
     subprocess.run(f"tar -C {work} -cf - {' '.join(names)} | split -b {part_size} -d - {out}/results.tar.part-",
                    shell=True, check=True)
-    step = {"backbone": "resnet18", "width": 64, "fast_views_per_s": 1.0, "fast_tflops": 1.0, "fraction_of_peak": 0.1,
-            "fast_peak_mb": 1024.0, "dataloader_views_per_s": 1.0}
+    step = {"preset": "cifar10-r18-10min", "backbone": "resnet18", "width": 64, "fast_views_per_s": 1.0,
+            "fast_tflops": 1.0, "fraction_of_peak": 0.1, "fast_peak_mb": 1024.0, "dataloader_views_per_s": 1.0}
     bench = {"device": "NVIDIA H200", "train_step": [
         {**step, "batch_size": 512, "compiled_views_per_s": 81_234.0, "compiled_tflops": 268.0,
          "compiled_fraction_of_peak": 0.27, "compile_seconds": 45.2},
@@ -166,8 +166,9 @@ def test_landing_the_gpu_jobs_output_puts_each_file_where_the_docs_read_it(finis
     (results / "config.json").write_text(json.dumps({**config, "compile": True}))
     assert re.search(r"batch \d+, torch.compile \|", sync_numbers.results_table())  # a compiled run says so
     table = sync_numbers.gpu_bench()
-    assert "| NVIDIA H200 | resnet18 | 512 | 1 | 1 (10%) | 81,234, 268 (27%), 45 s |" in table
-    assert "| NVIDIA H200 | resnet18 | 1024 | 1 | 1 (10%) | failed to compile |" in table
+    step = "| NVIDIA H200 | resnet18, `cifar10-r18-10min` |"
+    assert f"{step} 512 | 1 | 1 (10%) | 81,234, 268 (27%), 45 s |" in table
+    assert f"{step} 1024 | 1 | 1 (10%) | failed (BackendCompilerFailed) |" in table
     assert "| NVIDIA H200 | resnet18 | 4096 | out of memory |" in table
 
 

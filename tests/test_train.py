@@ -82,6 +82,7 @@ def test_time_budget_fits_epochs_and_leaves_the_run_unchanged(tmp_path):
     assert fitted.epochs == 2
     fit = [r for r in read_metrics(tmp_path / "budget" / "metrics.jsonl") if r["kind"] == "time_budget"]
     assert len(fit) == 1 and fit[0]["epochs"] == 2 and fit[0]["step_seconds"] > 0
+    assert fit[0]["first_steps"] >= 1 and fit[0]["first_steps_seconds"] > 0  # what a compiled run pays to compile
     # A budget smaller than one epoch still trains one, and config.json says so (with a fitting warmup).
     small = tiny_config(epochs=50, warmup_epochs=10, time_budget=1e-3)
     pretrain(small, splits, splits.pretrain, tmp_path / "tiny", progress=False)
@@ -305,3 +306,25 @@ def test_pretraining_beats_the_same_network_at_random_init(tmp_path):
     random_init = knn(random_init_model(config, splits, torch.device("cpu")))
     trained, _ = pretrain(config, splits, balanced_subset(splits.pretrain, 2000, seed=0), tmp_path, progress=False)
     assert knn(trained) > random_init + 3
+
+
+def test_a_compiled_run_compiles_once(tmp_path, monkeypatch):
+    # The compiled step (model, augmentation, loss) must not recompile: not after the time budget's calibration
+    # steps are undone, nor when the kNN monitor switches the model to eval and back, nor from epoch to epoch.
+    # Dynamo's eager backend traces and guards exactly as the real compiler does, in a fraction of the time.
+    compile_for_real, compiled = torch.compile, []
+
+    def traced(fn, **kwargs):
+        compiled.append(kwargs)
+        return compile_for_real(fn, backend="eager", **kwargs)
+
+    monkeypatch.setattr(torch, "compile", traced)
+    torch._dynamo.reset()
+    config = tiny_config(compile=True, time_budget=1e6, knn_every=1)
+    (tmp_path / "run").mkdir()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        pretrain(config, tiny_splits(), tiny_splits().pretrain, tmp_path / "run", progress=False)
+    torch._dynamo.reset()
+    assert compiled == [{"dynamic": False}] * 3  # model, augmentation, loss
+    epochs = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in epochs] == [1, 2] and all("knn_monitor_top1" in r for r in epochs)
